@@ -1,0 +1,80 @@
+"""Input checks shared by the losses: clear errors that name the argument and its shape."""
+
+from __future__ import annotations
+
+import torch
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def as_float32_or_wider(x: torch.Tensor) -> torch.Tensor:
+    """Upcast fp16/bf16 to float32 so reductions run in float32; float32/float64 pass through."""
+    return x.float() if x.dtype in _LOW_PRECISION else x
+
+
+def check_logits(name: str, logits: torch.Tensor, *, check_finite: bool) -> None:
+    """Require a floating (batch, classes) tensor; optionally require finite entries."""
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if not logits.is_floating_point():
+        raise ValueError(
+            f"{name} must be a floating-point tensor of logits, got dtype {logits.dtype}; "
+            "pass model outputs (e.g. float32), not class indices"
+        )
+    if logits.dim() != 2:
+        raise ValueError(
+            f"{name} must be 2-D (batch, classes), got shape {tuple(logits.shape)}; "
+            "flatten extra dimensions first, e.g. logits.reshape(-1, num_classes)"
+        )
+    if check_finite:
+        bad = (~torch.isfinite(logits)).sum().item()
+        if bad:
+            raise ValueError(
+                f"{name} has {bad} non-finite entries (NaN or Inf) out of {logits.numel()}; "
+                "check the model/learning rate, or pass check_finite=False to skip this check"
+            )
+
+
+def check_pair(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    check_finite: bool,
+    names: tuple[str, str] = ("student_logits", "teacher_logits"),
+) -> None:
+    """Check both logit tensors and that their shapes agree."""
+    check_logits(names[0], student_logits, check_finite=check_finite)
+    check_logits(names[1], teacher_logits, check_finite=check_finite)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same shape, got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}; "
+            "teacher and student must predict the same number of classes"
+        )
+
+
+def check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def check_non_negative(name: str, value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def check_target(target: torch.Tensor, logits: torch.Tensor) -> None:
+    """Require integer class indices of shape (batch,) within [0, classes)."""
+    if not isinstance(target, torch.Tensor) or target.dtype not in (
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.uint8,
+    ):
+        got = target.dtype if isinstance(target, torch.Tensor) else type(target).__name__
+        raise ValueError(f"target must be an integer tensor of class indices, got {got}")
+    if target.shape != logits.shape[:1]:
+        raise ValueError(
+            f"target must have shape ({logits.shape[0]},) to match logits of shape "
+            f"{tuple(logits.shape)}, got {tuple(target.shape)}"
+        )

@@ -1,0 +1,143 @@
+"""Loss modules with one calling convention, and a registry so configs can select them by name.
+
+Every module is called as ``loss(student_logits, teacher_logits, target, class_prior=None)``;
+``teacher_logits`` are the teacher's (distillation) or the natural branch's (adversarial training).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from difflib import get_close_matches
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._validation import as_float32_or_wider
+from .dkd import dkd_loss
+from .gkl import dkl_loss, gkl_loss
+from .kl import kd_loss, trades_kl
+
+
+class CrossEntropyLoss(nn.Module):
+    """``CE(s, y)``: the no-distillation baseline; ignores the teacher."""
+
+    uses_teacher = False
+
+    def forward(self, student_logits, teacher_logits, target, class_prior=None) -> torch.Tensor:
+        return F.cross_entropy(as_float32_or_wider(student_logits), target)
+
+
+class KDLoss(nn.Module):
+    """Hinton KD, ``T^2 * KL(softmax(t/T) || softmax(s/T))``."""
+
+    def __init__(self, temperature: float = 4.0) -> None:
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, student_logits, teacher_logits, target, class_prior=None) -> torch.Tensor:
+        return kd_loss(student_logits, teacher_logits, temperature=self.temperature)
+
+
+class DKDLoss(nn.Module):
+    """Decoupled KD, ``alpha * TCKD + beta * NCKD``."""
+
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> None:
+        super().__init__()
+        self.alpha, self.beta, self.temperature = alpha, beta, temperature
+
+    def forward(self, student_logits, teacher_logits, target, class_prior=None) -> torch.Tensor:
+        return dkd_loss(
+            student_logits,
+            teacher_logits,
+            target,
+            alpha=self.alpha,
+            beta=self.beta,
+            temperature=self.temperature,
+        )
+
+
+class DKLLoss(nn.Module):
+    """Decoupled KL (asymmetric; gradient-equivalent to KL)."""
+
+    def __init__(self, alpha: float = 1.0, beta: float = 1.0, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.alpha, self.beta, self.temperature = alpha, beta, temperature
+
+    def forward(self, student_logits, teacher_logits, target, class_prior=None) -> torch.Tensor:
+        return dkl_loss(
+            student_logits,
+            teacher_logits,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            beta=self.beta,
+        )
+
+
+class GKLLoss(nn.Module):
+    """Generalized KL, ``beta * wMSE + alpha * soft_CE``; ``class_prior`` rows enable the GI form.
+
+    ``use_class_prior`` tells the training task to maintain a :class:`ClassPrior` (with
+    ``temperature2``) and pass its rows; without it the weights are ``softmax(t / T2) ** gamma``.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        gamma: float = 1.0,
+        temperature: float = 4.0,
+        temperature2: float = 1.0,
+        use_class_prior: bool = False,
+    ) -> None:
+        super().__init__()
+        self.alpha, self.beta, self.gamma = alpha, beta, gamma
+        self.temperature, self.temperature2 = temperature, temperature2
+        self.use_class_prior = use_class_prior
+
+    def forward(self, student_logits, teacher_logits, target, class_prior=None) -> torch.Tensor:
+        if self.use_class_prior and class_prior is None:
+            raise ValueError("GKLLoss(use_class_prior=True) needs class_prior rows (B, C)")
+        return gkl_loss(
+            student_logits,
+            teacher_logits,
+            alpha=self.alpha,
+            beta=self.beta,
+            gamma=self.gamma,
+            temperature=self.temperature,
+            temperature2=self.temperature2,
+            class_prior=class_prior if self.use_class_prior else None,
+        )
+
+
+class TradesKLLoss(nn.Module):
+    """TRADES robust term ``KL(f(x) || f(x_adv))``, called as (adversarial, natural, target)."""
+
+    def forward(self, student_logits, teacher_logits, target, class_prior=None) -> torch.Tensor:
+        return trades_kl(student_logits, teacher_logits)
+
+
+LOSSES: dict[str, Callable[..., nn.Module]] = {
+    "ce": CrossEntropyLoss,
+    "kd": KDLoss,
+    "dkd": DKDLoss,
+    "dkl": DKLLoss,
+    "gkl": GKLLoss,
+    "trades_kl": TradesKLLoss,
+}
+
+
+def register_loss(name: str, factory: Callable[..., nn.Module]) -> None:
+    """Make ``factory`` selectable as ``build_loss(name, ...)``."""
+    if name in LOSSES:
+        raise ValueError(f"loss {name!r} is already registered")
+    LOSSES[name] = factory
+
+
+def build_loss(name: str, **kwargs) -> nn.Module:
+    """Instantiate a registered loss by name, e.g. ``build_loss("gkl", beta=8.0)``."""
+    if name not in LOSSES:
+        hint = get_close_matches(name, LOSSES, n=1)
+        did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise ValueError(f"unknown loss {name!r}; valid names: {sorted(LOSSES)}.{did_you_mean}")
+    return LOSSES[name](**kwargs)

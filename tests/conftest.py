@@ -1,0 +1,19 @@
+"""Shared test set-up: deterministic, 2 threads, float64 helpers."""
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(2)
+os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
