@@ -26,13 +26,12 @@ def check_logits(name: str, logits: torch.Tensor, *, check_finite: bool) -> None
             f"{name} must be 2-D (batch, classes), got shape {tuple(logits.shape)}; "
             "flatten extra dimensions first, e.g. logits.reshape(-1, num_classes)"
         )
-    if check_finite:
+    if check_finite and not torch.isfinite(logits).all():
         bad = (~torch.isfinite(logits)).sum().item()
-        if bad:
-            raise ValueError(
-                f"{name} has {bad} non-finite entries (NaN or Inf) out of {logits.numel()}; "
-                "check the model/learning rate, or pass check_finite=False to skip this check"
-            )
+        raise ValueError(
+            f"{name} has {bad} non-finite entries (NaN or Inf) out of {logits.numel()}; "
+            "check the model/learning rate, or pass check_finite=False to skip this check"
+        )
 
 
 def check_pair(
