@@ -1,0 +1,168 @@
+"""Common base for the image data modules: seeded splits, synthetic data and loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from gkl.data.datasets import BatchTransform, ImageTensorDataset
+
+
+def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded random split of ``range(n)`` into ``(train, val)`` index tensors."""
+    if not 0 <= val_size < n:
+        raise ValueError(f"val_size={val_size} must be in [0, {n}) for a training set of {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[val_size:], perm[:val_size]
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Base data module serving float images in ``[0, 1]`` (normalise inside the model).
+
+    Subclasses set ``num_classes``, ``input_shape``, ``mean`` and ``std`` and implement
+    :meth:`_read_split`, or override :meth:`_fit_sets` / :meth:`_test_set`.
+
+    Attributes:
+        is_synthetic: data are random tensors (smoke tests only; mark results accordingly).
+        val_is_test: ``val_size == 0``, so validation runs on the test set.
+    """
+
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        batch_size: int,
+        num_workers: int,
+        val_size: int,
+        seed: int,
+        synthetic: bool,
+        download: bool,
+        augment: bool,
+        pin_memory: bool,
+        train_subset: int | None,
+        test_size: int | None,
+        synthetic_sizes: Sequence[int],
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"bad batch_size={batch_size} or num_workers={num_workers}")
+        self.data_dir = Path(data_dir).expanduser()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_size = val_size
+        self.seed = seed
+        self.is_synthetic = synthetic
+        self.download = download
+        self.augment = augment
+        self.pin_memory = pin_memory
+        self.train_subset = train_subset
+        self.test_size = test_size
+        self.synthetic_sizes = tuple(int(s) for s in synthetic_sizes)
+        if len(self.synthetic_sizes) != 3:
+            raise ValueError(f"synthetic_sizes must be (train, val, test), got {synthetic_sizes}")
+        self.val_is_test = val_size == 0
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        self._train_generator = torch.Generator().manual_seed(seed)
+
+    # --- data sources -------------------------------------------------------------------------
+
+    def _read_split(self, train: bool) -> tuple[Tensor, Tensor]:
+        """Return the real ``(uint8 NCHW images, int64 labels)`` of the train or test split."""
+        raise NotImplementedError
+
+    def _batch_augment(self) -> BatchTransform | None:
+        """Batched uint8 augmentation for the training split (``None``: no augmentation)."""
+        return None
+
+    def _synthetic_split(self, train: bool) -> tuple[Tensor, Tensor]:
+        """Seeded random images; every class appears when the split has enough samples."""
+        n_train, n_val, n_test = self.synthetic_sizes
+        n = n_train + (0 if self.val_is_test else n_val) if train else n_test
+        gen = torch.Generator().manual_seed(self.seed * 2 + (0 if train else 1))
+        images = torch.randint(0, 256, (n, *self.input_shape), generator=gen, dtype=torch.uint8)
+        labels = (torch.arange(n) % self.num_classes)[torch.randperm(n, generator=gen)]
+        return images, labels
+
+    def _source(self, train: bool) -> tuple[Tensor, Tensor]:
+        return self._synthetic_split(train) if self.is_synthetic else self._read_split(train)
+
+    def _split(self, n: int) -> tuple[Tensor, Tensor]:
+        """Seeded ``(train, val)`` indices of the training split, with ``train_subset`` applied."""
+        val_size = self.synthetic_sizes[1] if self.is_synthetic and self.val_size else self.val_size
+        train_idx, val_idx = split_indices(n, val_size, self.seed)
+        if self.train_subset is not None:
+            train_idx = train_idx[: self.train_subset]
+        return train_idx, val_idx
+
+    def _fit_sets(self) -> tuple[Dataset, Dataset | None]:
+        images, labels = self._source(train=True)
+        train_idx, val_idx = self._split(len(labels))
+        augment = self._batch_augment() if self.augment else None
+        train = ImageTensorDataset(images[train_idx], labels[train_idx], augment)
+        val = ImageTensorDataset(images[val_idx], labels[val_idx]) if len(val_idx) else None
+        return train, val
+
+    def _test_set(self) -> Dataset:
+        images, labels = self._source(train=False)
+        return ImageTensorDataset(images[: self.test_size], labels[: self.test_size])
+
+    # --- Lightning hooks ------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits that ``stage`` needs (all when ``None``); loads each split once."""
+        needs_test = stage in (None, "test", "predict") or self.val_is_test
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            self.train_set, self.val_set = self._fit_sets()
+        if needs_test and self.test_set is None:
+            self.test_set = self._test_set()
+        if self.val_is_test and self.val_set is None:
+            rank_zero_warn(
+                f"{type(self).__name__}: val_size=0, validating on the TEST set (val_is_test=True);"
+                " validation metrics are test metrics, do not select models on them."
+            )
+            self.val_set = self.test_set
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+        }
+
+    def _require(self, dataset: Dataset | None, name: str) -> Dataset:
+        if dataset is None:
+            raise RuntimeError(f"{name} is not set up: call setup() first")
+        return dataset
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training loader; order (and worker seeds) follow ``seed``."""
+        return DataLoader(
+            self._require(self.train_set, "train_set"),
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=self._train_generator,
+            **self._loader_kwargs(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation loader (the test set when ``val_is_test``)."""
+        val_set = self._require(self.val_set, "val_set")
+        return DataLoader(val_set, batch_size=self.batch_size, **self._loader_kwargs())
+
+    def test_dataloader(self) -> DataLoader:
+        """Test loader."""
+        test_set = self._require(self.test_set, "test_set")
+        return DataLoader(test_set, batch_size=self.batch_size, **self._loader_kwargs())

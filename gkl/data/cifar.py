@@ -1,0 +1,199 @@
+"""CIFAR-10/100 from torchvision's on-disk python-pickle format, with optional generated data."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets.utils import check_integrity
+
+from gkl.data.base import ImageDataModule
+from gkl.data.datasets import BatchTransform, ConcatImageDataset, ImageTensorDataset, RandomCropFlip
+from gkl.data.generated import MixedBatchSampler, load_generated_npz
+
+
+@dataclass(frozen=True)
+class CIFARSpec:
+    """Per-dataset constants; file names and md5s come from torchvision's class."""
+
+    title: str
+    torchvision_cls: type[CIFAR10]
+    label_key: str
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+SPECS = {
+    "cifar10": CIFARSpec(
+        title="CIFAR-10",
+        torchvision_cls=CIFAR10,
+        label_key="labels",
+        num_classes=10,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+    ),
+    "cifar100": CIFARSpec(
+        title="CIFAR-100",
+        torchvision_cls=CIFAR100,
+        label_key="fine_labels",
+        num_classes=100,
+        mean=(0.5071, 0.4867, 0.4408),
+        std=(0.2675, 0.2565, 0.2761),
+    ),
+}
+
+
+def _unpickle(path: Path) -> dict[str, Any]:
+    """Load one CIFAR pickle (written by Python 2), with ``str`` keys."""
+    with path.open("rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def read_cifar(
+    root: str | Path, dataset: str, train: bool, verify_checksums: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Read ``root/cifar-10-batches-py`` or ``root/cifar-100-python`` like torchvision does.
+
+    Returns ``(uint8 (N, 3, 32, 32) images, int64 labels)``. ``verify_checksums`` checks each
+    file against torchvision's md5 (the official archives).
+    """
+    spec = SPECS[dataset]
+    cls = spec.torchvision_cls
+    folder = Path(root).expanduser() / cls.base_folder
+    files = cls.train_list if train else cls.test_list
+    missing = [name for name, _ in files if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{spec.title} not found: missing {missing} in {folder}. Set data.download=true to "
+            f"download it into {Path(root).expanduser()}, or point data.data_dir at the "
+            f"directory that contains {cls.base_folder}/."
+        )
+    images, labels = [], []
+    for name, md5 in files:
+        path = folder / name
+        if verify_checksums and not check_integrity(str(path), md5):
+            raise ValueError(
+                f"{path} failed its md5 check (expected {md5}): delete it and set "
+                "data.download=true, or set data.verify_checksums=false"
+            )
+        entry = _unpickle(path)
+        data = np.asarray(entry["data"], dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{path}: 'data' must be (N, 3072) uint8, got {data.shape}")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.extend(entry[spec.label_key])
+    label_tensor = torch.as_tensor(labels, dtype=torch.long)
+    if label_tensor.min() < 0 or label_tensor.max() >= spec.num_classes:
+        raise ValueError(f"{folder}: labels outside [0, {spec.num_classes - 1}]")
+    return torch.from_numpy(np.concatenate(images)), label_tensor
+
+
+class CIFARDataModule(ImageDataModule):
+    """CIFAR-10/100 (50k train / 10k test, 3x32x32) from torchvision's on-disk format.
+
+    Training batches get ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip()`` (applied
+    batched on uint8 tensors) when ``augment``; no normalisation. ``val_size=0`` validates on the
+    test set (``val_is_test=True``, the authors' recipe). With ``generated_path`` (a DM-AT
+    ``.npz``) each training batch holds ``round(generated_fraction * batch_size)`` generated
+    images and the rest real ones; an epoch is one pass over the real training split.
+    """
+
+    input_shape = (3, 32, 32)
+
+    def __init__(
+        self,
+        dataset: str = "cifar10",
+        data_dir: str | Path = "data",
+        batch_size: int = 128,
+        num_workers: int = 4,
+        val_size: int = 5000,
+        seed: int = 0,
+        synthetic: bool = False,
+        download: bool = False,
+        augment: bool = True,
+        pin_memory: bool = False,
+        train_subset: int | None = None,
+        test_size: int | None = None,
+        generated_path: str | Path | None = None,
+        generated_fraction: float = 0.7,
+        verify_checksums: bool = False,
+        synthetic_sizes: Sequence[int] = (512, 256, 256),
+    ) -> None:
+        if dataset not in SPECS:
+            raise ValueError(f"dataset must be one of {sorted(SPECS)}, got {dataset!r}")
+        super().__init__(
+            data_dir=data_dir,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            val_size=val_size,
+            seed=seed,
+            synthetic=synthetic,
+            download=download,
+            augment=augment,
+            pin_memory=pin_memory,
+            train_subset=train_subset,
+            test_size=test_size,
+            synthetic_sizes=synthetic_sizes,
+        )
+        self.dataset = dataset
+        self.spec = SPECS[dataset]
+        self.num_classes = self.spec.num_classes
+        self.mean = self.spec.mean
+        self.std = self.spec.std
+        self.verify_checksums = verify_checksums
+        self.generated_path = generated_path
+        self.generated_fraction = generated_fraction
+        self.generated_set: ImageTensorDataset | None = None
+        if generated_path is not None and not 0.0 < generated_fraction < 1.0:
+            raise ValueError(f"generated_fraction={generated_fraction} must be in (0, 1)")
+
+    def prepare_data(self) -> None:
+        """Download and md5-check the archive with torchvision when ``download=True``."""
+        if self.download and not self.is_synthetic:
+            self.spec.torchvision_cls(str(self.data_dir), train=True, download=True)
+
+    def _read_split(self, train: bool) -> tuple[Tensor, Tensor]:
+        return read_cifar(self.data_dir, self.dataset, train, self.verify_checksums)
+
+    def _batch_augment(self) -> BatchTransform:
+        return RandomCropFlip(padding=4)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits for ``stage`` and, for fitting, the generated data."""
+        super().setup(stage)
+        path = self.generated_path
+        if path is not None and self.train_set is not None and self.generated_set is None:
+            images, labels = load_generated_npz(path, self.num_classes, self.input_shape)
+            augment = self._batch_augment() if self.augment else None
+            self.generated_set = ImageTensorDataset(images, labels, augment)
+
+    def train_dataloader(self) -> DataLoader:
+        """Real-only shuffled loader, or fixed real/generated mixing with ``generated_path``."""
+        if self.generated_set is None:
+            return super().train_dataloader()
+        train_set = self._require(self.train_set, "train_set")
+        sampler = MixedBatchSampler(
+            num_real=len(train_set),
+            num_generated=len(self.generated_set),
+            batch_size=self.batch_size,
+            fraction=self.generated_fraction,
+            seed=self.seed,
+        )
+        if self.trainer is not None:  # reloaded or resumed loaders continue the epoch sequence
+            sampler.set_epoch(self.trainer.current_epoch)
+        return DataLoader(
+            ConcatImageDataset([train_set, self.generated_set]),
+            batch_sampler=sampler,
+            generator=self._train_generator,
+            **self._loader_kwargs(),
+        )

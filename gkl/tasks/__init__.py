@@ -1,0 +1,8 @@
+"""Lightning tasks: classification, distillation, adversarial training."""
+
+from .callbacks import RNGStateCallback
+from .classify import ClassificationTask
+from .distill import DistillationTask
+from .optim import epoch_scheduler
+
+__all__ = ["ClassificationTask", "DistillationTask", "RNGStateCallback", "epoch_scheduler"]

@@ -1,0 +1,89 @@
+"""Knowledge distillation task: frozen teacher -> student with a selectable loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from gkl.losses import ClassPrior
+from gkl.models.wrappers import FrozenTeacher
+
+from .classify import ClassificationTask, OptimizerFactory, SchedulerFactory
+
+
+class DistillationTask(ClassificationTask):
+    """``loss = ce_weight * CE(s, y) + min((epoch + 1) / warmup_epochs, 1) * distill(s, t, y)``.
+
+    The teacher is wrapped in :class:`FrozenTeacher` (eval mode, no grad, excluded from the
+    optimiser and, unless ``save_teacher``, from checkpoints). When the distillation loss has
+    ``use_class_prior`` (GKL with class-wise global information), a :class:`ClassPrior` accumulates
+    the teacher's ``softmax(t / temperature2)`` per true class and is refreshed at each epoch end.
+    The warm-up is the authors' (mdistiller's) ``min(epoch / warmup, 1)`` with 1-based epochs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        teacher: nn.Module,
+        loss: nn.Module,
+        num_classes: int,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        ce_weight: float = 1.0,
+        warmup_epochs: int = 0,
+        save_teacher: bool = False,
+    ) -> None:
+        super().__init__(model, num_classes, optimizer, scheduler)
+        self.teacher = teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher)
+        self.distill_loss = loss
+        self.ce_weight = ce_weight
+        self.warmup_epochs = warmup_epochs
+        self.save_teacher = save_teacher
+        uses_prior = getattr(loss, "use_class_prior", False)
+        self.class_prior = (
+            ClassPrior(num_classes, temperature=loss.temperature2) if uses_prior else None
+        )
+        self.teacher_val_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def distill_weight(self) -> float:
+        if self.warmup_epochs <= 0:
+            return 1.0
+        return min((self.current_epoch + 1) / self.warmup_epochs, 1.0)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        x, y = batch
+        teacher_logits = self.teacher(x)
+        logits = self.model(x)
+        rows = self.class_prior.rows(y, logits.dtype) if self.class_prior is not None else None
+        ce = F.cross_entropy(logits, y)
+        distill = self.distill_loss(logits, teacher_logits, y, class_prior=rows)
+        loss = self.ce_weight * ce + self.distill_weight() * distill
+        if self.class_prior is not None:
+            self.class_prior.update(teacher_logits, y)
+        self.log_train(loss, logits, y, {"ce": ce, "distill": distill})
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self.class_prior is not None:
+            self.class_prior.end_epoch()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        x, y = batch
+        self.teacher_val_acc(self.teacher(x), y)
+        self.log("val/teacher_acc", self.teacher_val_acc, on_epoch=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.save_teacher:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("teacher.")]:
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        if not any(k.startswith("teacher.") for k in state):
+            state.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})

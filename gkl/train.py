@@ -1,0 +1,171 @@
+"""Training entry point: compose config -> data, models, loss, task -> Lightning fit/test."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# Keys of the data config that describe the data set for interpolation (model.num_classes:
+# ${data.num_classes}) rather than arguments of the DataModule.
+DATA_META_KEYS = ("num_classes", "mean", "std", "input_shape")
+SMOKE_METRICS_FILE = "metrics.smoke.json"
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+METRICS_FILE = "metrics.json"
+
+
+def build_datamodule(data_cfg: DictConfig) -> pl.LightningDataModule:
+    """Instantiate the DataModule from ``data_cfg`` without its descriptive keys."""
+    args = {k: v for k, v in data_cfg.items() if k not in DATA_META_KEYS}
+    datamodule = instantiate(OmegaConf.create(args))
+    for key in ("num_classes", "mean", "std"):
+        declared = data_cfg.get(key)
+        actual = getattr(datamodule, key, None)
+        if declared is not None and actual is not None and _as_tuple(declared) != _as_tuple(actual):
+            raise ValueError(
+                f"data.{key}={declared} in the config disagrees with the data module's {actual}"
+            )
+    return datamodule
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(float(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def build_teacher(cfg: DictConfig) -> torch.nn.Module:
+    """Instantiate the teacher; on synthetic data a missing checkpoint gives a random teacher."""
+    checkpoint = cfg.teacher.get("checkpoint")
+    weights_available = (checkpoint and Path(checkpoint).is_file()) or (
+        not checkpoint and cfg.teacher.get("pretrained")
+    )
+    if cfg.data.get("synthetic") and (not weights_available or cfg.teacher.get("pretrained")):
+        log.warning("synthetic smoke test: using a randomly initialised teacher")
+        return instantiate(cfg.teacher, checkpoint=None, pretrained=False, allow_random=True)
+    return instantiate(cfg.teacher)
+
+
+def check_class_counts(student: torch.nn.Module, teacher: torch.nn.Module | None, dm) -> None:
+    """Fail before training when student, teacher and data disagree on the number of classes."""
+    x = torch.zeros(2, *dm.input_shape)
+    was_training = student.training
+    student.eval()
+    with torch.no_grad():
+        student_classes = student(x).shape[1]
+        teacher_classes = teacher(x).shape[1] if teacher is not None else None
+    student.train(was_training)
+    if student_classes != dm.num_classes:
+        raise ValueError(
+            f"the student predicts {student_classes} classes but the data set has "
+            f"{dm.num_classes}; set model.num_classes=${{data.num_classes}}"
+        )
+    if teacher_classes is not None and teacher_classes != student_classes:
+        raise ValueError(
+            f"teacher predicts {teacher_classes} classes, student predicts {student_classes}: "
+            "distillation needs the same classes (check teacher.num_classes / the checkpoint)"
+        )
+
+
+def build_task(cfg: DictConfig, model, teacher, loss, num_classes: int) -> pl.LightningModule:
+    """Call the task partial with the pieces its constructor accepts."""
+    task_factory = instantiate(cfg.task)
+    pieces = {
+        "model": model,
+        "teacher": teacher,
+        "loss": loss,
+        "num_classes": num_classes,
+        "optimizer": instantiate(cfg.optim.optimizer),
+        "scheduler": instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
+    }
+    accepted = inspect.signature(task_factory.func).parameters
+    if teacher is not None and "teacher" not in accepted:
+        raise ValueError(
+            f"a teacher is configured but task {cfg.task._target_} does not use one; "
+            "use task=distill or teacher=none"
+        )
+    if "teacher" in accepted and teacher is None:
+        raise ValueError("task=distill needs a teacher: set teacher=<name> (see conf/teacher/)")
+    return task_factory(**{k: v for k, v in pieces.items() if k in accepted})
+
+
+def is_smoke_test(cfg: DictConfig, datamodule) -> bool:
+    return bool(getattr(datamodule, "is_synthetic", False) or cfg.trainer.get("fast_dev_run"))
+
+
+def write_metrics(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float], smoke: bool):
+    """Write last-epoch metrics; smoke tests go to a file that cannot pass for a result."""
+    out_dir = Path(cfg.paths.output_dir)
+    record = {
+        "metrics": metrics,
+        "epochs_completed": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "reported_epoch": "last",
+        "seed": cfg.seed,
+        "experiment": cfg.get("experiment_name"),
+    }
+    if smoke:
+        record["NOT_A_RESULT"] = "synthetic data or fast_dev_run: smoke test only"
+    path = out_dir / (SMOKE_METRICS_FILE if smoke else METRICS_FILE)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+    log.info("wrote %s", path)
+    return path
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Seed, build everything from ``cfg``, fit, test the last-epoch weights, write metrics."""
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg.data)
+    model = instantiate(cfg.model)
+    teacher = build_teacher(cfg) if cfg.get("teacher") else None
+    loss = instantiate(cfg.loss) if cfg.get("loss") else None
+    check_class_counts(model, teacher, datamodule)
+    task = build_task(cfg, model, teacher, loss, datamodule.num_classes)
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if cfg.get("test", True):
+        # The weights after the last epoch: never a checkpoint selected on test accuracy.
+        results = trainer.test(task, datamodule=datamodule, verbose=False)
+        metrics |= {k: float(v) for k, v in results[0].items()}
+    smoke = is_smoke_test(cfg, datamodule)
+    write_metrics(cfg, trainer, metrics, smoke)
+    if cfg.get("export_weights") and not smoke:
+        export_weights(task.model, Path(cfg.export_weights))
+    return metrics
+
+
+def export_weights(model: torch.nn.Module, path: Path) -> None:
+    """Save the bare network as ``{"model": state_dict}`` (mdistiller's format), atomically."""
+    network = getattr(model, "model", model)  # unwrap Normalized
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": network.state_dict()}, tmp)
+    os.replace(tmp, path)
+    log.info("exported weights to %s", path)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train.yaml")
+def main(cfg: DictConfig) -> float | None:
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
+    metrics = run(cfg)
+    optimized = cfg.get("optimized_metric")
+    return metrics.get(optimized) if optimized else None
