@@ -72,4 +72,3 @@ def _existing(checkpoint: str, name: str) -> str:
             "download mdistiller's cifar_teachers release and point teacher.checkpoint at it."
         )
     return str(path)
-

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from gkl.data.teacher_cache import TeacherLogitsDataset, compute_teacher_logits
 from gkl.losses import ClassPrior
 from gkl.models.wrappers import FrozenTeacher
 
@@ -23,6 +24,8 @@ class DistillationTask(ClassificationTask):
     ``use_class_prior`` (GKL with class-wise global information), a :class:`ClassPrior` accumulates
     the teacher's ``softmax(t / temperature2)`` per true class and is refreshed at each epoch end.
     The warm-up is the authors' (mdistiller's) ``min(epoch / warmup, 1)`` with 1-based epochs.
+    ``cache_teacher_outputs`` computes the teacher's logits on the (un-augmented) training set once
+    at fit start and serves them with the batches instead of running the teacher every step.
     """
 
     def __init__(
@@ -36,6 +39,7 @@ class DistillationTask(ClassificationTask):
         ce_weight: float = 1.0,
         warmup_epochs: int = 0,
         save_teacher: bool = False,
+        cache_teacher_outputs: bool = False,
     ) -> None:
         super().__init__(model, num_classes, optimizer, scheduler)
         self.teacher = teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher)
@@ -43,6 +47,7 @@ class DistillationTask(ClassificationTask):
         self.ce_weight = ce_weight
         self.warmup_epochs = warmup_epochs
         self.save_teacher = save_teacher
+        self.cache_teacher_outputs = cache_teacher_outputs
         uses_prior = getattr(loss, "use_class_prior", False)
         self.class_prior = (
             ClassPrior(num_classes, temperature=loss.temperature2) if uses_prior else None
@@ -54,9 +59,19 @@ class DistillationTask(ClassificationTask):
             return 1.0
         return min((self.current_epoch + 1) / self.warmup_epochs, 1.0)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
-        x, y = batch
-        teacher_logits = self.teacher(x)
+    def on_fit_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        if not self.cache_teacher_outputs or isinstance(datamodule.train_set, TeacherLogitsDataset):
+            return
+        logits = compute_teacher_logits(self.teacher, datamodule.train_set, device=self.device)
+        datamodule.train_set = TeacherLogitsDataset(datamodule.train_set, logits)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int):
+        if len(batch) == 3:  # cached teacher outputs
+            x, y, teacher_logits = batch
+        else:
+            x, y = batch
+            teacher_logits = self.teacher(x)
         logits = self.model(x)
         rows = self.class_prior.rows(y, logits.dtype) if self.class_prior is not None else None
         ce = F.cross_entropy(logits, y)

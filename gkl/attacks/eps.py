@@ -1,0 +1,82 @@
+"""Parsing of perturbation budgets written as numbers or fractions such as ``"8/255"``."""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_INT = re.compile(r"^[+-]?\d+$")
+_NEAR_K255 = 1e-3  # warn when eps is this close to some k/255 without being equal to it
+_SAME = 1e-9  # tolerance for "equal" (covers float round-off of k/255 written as a decimal)
+_NEAR_MESSAGE = r".* differs from \d+/255="
+
+
+def parse_number(value: float | int | str, name: str = "value") -> float:
+    """Parse a finite, non-negative number given as int, float or string ``"a"`` / ``"a/b"``."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise TypeError(f"{name} must be a number or a string like '8/255', got {value!r}")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if "/" in text:
+                num, den = (float(part) for part in text.split("/"))
+                if den == 0:
+                    raise ZeroDivisionError
+                number = num / den
+            else:
+                number = float(text)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(
+                f"cannot parse {name}={value!r}; use a number or a fraction like '8/255'"
+            ) from None
+    else:
+        number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if number < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return number
+
+
+def parse_eps(value: float | int | str, *, norm: str = "Linf", name: str = "eps") -> float:
+    """Parse a perturbation budget; for ``norm="Linf"`` it is in [0, 1] pixel units.
+
+    Integers >= 1 (``8``) are taken as 0-255 units and rejected ("write 8/255"). For Linf, values
+    > 1 are rejected and values within 1e-3 of some k/255 but not equal to it (``0.031`` vs
+    ``8/255 = 0.031373``) raise a ``UserWarning``. L2/L1 budgets are only checked to be >= 0.
+    """
+    number = parse_number(value, name)
+    is_integer = isinstance(value, int) or (isinstance(value, str) and _INT.match(value.strip()))
+    if is_integer and number >= 1:
+        raise ValueError(
+            f"{name}={value!r} looks like 0-255 pixel units; {name} is in [0,1] pixel units: "
+            f"write {int(number)}/255"
+        )
+    if norm != "Linf":
+        return number
+    if number > 1:
+        raise ValueError(
+            f"{name}={value!r}: eps is in [0,1] pixel units; did you mean {number:g}/255?"
+        )
+    k = round(number * 255)
+    gap = abs(number - k / 255)
+    if _SAME < gap <= _NEAR_K255:
+        warnings.warn(
+            f"{name}={number:g} differs from {k}/255={k / 255:.6f}; "
+            f"write {name}: {k}/255 if that is what you meant",
+            UserWarning,
+            stacklevel=2,
+        )
+    return number
+
+
+@contextmanager
+def quiet_eps_warnings() -> Iterator[None]:
+    """Silence :func:`parse_eps`'s "differs from k/255" warning (for re-parsing a value that a
+    caller has already parsed, and warned about, once)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NEAR_MESSAGE, category=UserWarning)
+        yield

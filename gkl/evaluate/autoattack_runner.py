@@ -1,0 +1,245 @@
+"""AutoAttack (Croce & Hein, 2020) through pyautoattack, with a resumable evaluation state.
+
+Robust accuracy = (1/n) * sum_i [f(x_i) = y_i and f(x'_i) = y_i for the x'_i of every attack].
+
+pyautoattack 0.2.0's own ``state_path`` cannot resume: it stores the attack set as the string
+repr of a Python set, so reloading always fails its "different set of attacks" check, and a
+resumed run reaches ``return x_adv, y_adv`` with ``y_adv`` unbound. This module therefore drives
+pyautoattack one attack and one batch of still-robust points at a time (the very batches that
+``run_standard_evaluation`` forms itself, so results are identical to a single call) and keeps
+the progress in its own JSON state file, rewritten atomically after every batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import get_args
+
+import torch
+from pyautoattack import AutoAttack
+from pyautoattack.autoattack import AttackName
+from torch import Tensor, nn
+
+from gkl.attacks import parse_eps
+from gkl.evaluate.protocol import check_protocol, model_device
+
+ATTACKS: tuple[str, ...] = get_args(AttackName)
+VERSIONS = ("standard", "plus", "rand", "custom")
+STATE_FORMAT = "gkl-autoattack-state/1"
+
+
+@dataclass(frozen=True)
+class AutoAttackResult:
+    """Outcome of :func:`run_autoattack`.
+
+    ``robust[i]``: x_i is classified correctly and no attack fooled it. ``x_adv`` holds the
+    adversarial inputs found by this call and the clean inputs elsewhere (after a resume, points
+    fooled before the interruption keep their clean input, as in fra31's AutoAttack).
+    """
+
+    clean_accuracy: float
+    robust_accuracy: float
+    robust: Tensor
+    x_adv: Tensor
+    resumed: bool
+
+
+@dataclass
+class _State:
+    """Progress of an evaluation: finished attacks and, for the running one, its queue of
+    point indices (robust when it started) of which the first ``done`` have been attacked."""
+
+    config: dict
+    clean_accuracy: float
+    robust: Tensor
+    finished: list[str] = field(default_factory=list)
+    attack: str | None = None
+    queue: list[int] = field(default_factory=list)
+    done: int = 0
+
+    def save(self, path: Path | None) -> None:
+        """Write atomically (temp file + rename), so a kill never leaves a truncated state."""
+        if path is None:
+            return
+        record = {
+            "format": STATE_FORMAT,
+            "config": self.config,
+            "clean_accuracy": self.clean_accuracy,
+            "robust": self.robust.tolist(),
+            "finished": self.finished,
+            "attack": self.attack,
+            "queue": self.queue,
+            "done": self.done,
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, config: dict) -> _State:
+        """Read a state and check it was written for the same evaluation ``config``."""
+        record = json.loads(path.read_text())
+        if record.get("format") != STATE_FORMAT:
+            raise ValueError(f"{path} is not a {STATE_FORMAT} file")
+        diffs = ", ".join(
+            f"{key}: {record['config'].get(key)!r} in state vs {value!r} now"
+            for key, value in config.items()
+            if record["config"].get(key) != value
+        )
+        if diffs:
+            raise ValueError(
+                f"state {path} belongs to a different evaluation ({diffs}); "
+                "use the same settings or a new state_path"
+            )
+        return cls(
+            config=record["config"],
+            clean_accuracy=record["clean_accuracy"],
+            robust=torch.tensor(record["robust"], dtype=torch.bool),
+            finished=record["finished"],
+            attack=record["attack"],
+            queue=record["queue"],
+            done=record["done"],
+        )
+
+
+def _fingerprint(*tensors: Tensor) -> str:
+    """SHA-256 of the tensors' bytes (detects resuming on different data)."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _correct(
+    model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device
+) -> Tensor:
+    """Per-example flags argmax f(x_i) == y_i (on CPU)."""
+    flags = []
+    with torch.no_grad():
+        for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
+            flags.append((model(xb.to(device)).argmax(dim=1) == yb.to(device)).cpu())
+    return torch.cat(flags)
+
+
+def run_autoattack(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float | str,
+    norm: str = "Linf",
+    version: str = "standard",
+    attacks: list[str] | None = None,
+    batch_size: int = 256,
+    seed: int | None = 0,
+    state_path: str | Path | None = None,
+    device: str | torch.device | None = None,
+) -> AutoAttackResult:
+    """AutoAttack ``version`` (``attacks`` only with ``version="custom"``) on inputs in [0, 1].
+
+    With ``state_path`` the evaluation is resumable: rerunning the same call after a kill skips
+    the finished attacks and batches and gives the same result as an uninterrupted run (for a
+    fixed ``seed``). ``device`` defaults to the model's.
+    """
+    eps = parse_eps(eps, norm=norm)
+    if version not in VERSIONS:
+        raise ValueError(f"unknown AutoAttack version {version!r}; valid: {', '.join(VERSIONS)}")
+    if version == "custom" and not attacks:
+        raise ValueError("version='custom' needs a non-empty attacks list, e.g. ['apgd-ce']")
+    unknown = sorted(set(attacks or ()) - set(ATTACKS))
+    if unknown:
+        raise ValueError(f"unknown attacks {unknown}; valid: {', '.join(ATTACKS)}")
+    check_protocol(model, x[:batch_size])
+    device = torch.device(device) if device is not None else model_device(model)
+    adversary = AutoAttack(
+        model,
+        attacks=list(attacks) if attacks is not None else None,
+        device=device,
+        eps=eps,
+        norm=norm,
+        seed=seed,
+        version=version,
+    )
+    plan = list(adversary.attacks_to_run)
+    config = {
+        "eps": eps,
+        "norm": norm,
+        "version": version,
+        "attacks": plan,
+        "seed": seed,
+        "batch_size": batch_size,
+        "n_examples": len(x),
+        "data_sha256": _fingerprint(x, y),
+    }
+    path = Path(state_path) if state_path is not None else None
+    resumed = path is not None and path.exists()
+    if resumed:
+        state = _State.load(path, config)
+    else:
+        robust = _correct(model, x, y, batch_size, device)
+        state = _State(config, robust.float().mean().item(), robust)
+        state.save(path)
+
+    x_adv = x.clone()
+    for attack in plan:
+        if attack in state.finished:
+            continue
+        if state.attack != attack:
+            state.attack, state.done = attack, 0
+            state.queue = state.robust.nonzero().flatten().tolist()
+            state.save(path)
+        adversary.attacks_to_run = [attack]
+        while state.done < len(state.queue):
+            idx = torch.tensor(state.queue[state.done : state.done + batch_size])
+            xb, yb = x[idx.to(x.device)], y[idx.to(y.device)]
+            xb_adv, yb_adv = adversary.run_standard_evaluation(xb, yb, batch_size=batch_size)
+            fooled = (yb_adv != yb).cpu()
+            state.robust[idx[fooled]] = False
+            x_adv[idx[fooled].to(x.device)] = xb_adv[fooled.to(xb_adv.device)]
+            state.done += len(idx)
+            state.save(path)
+        state.finished.append(attack)
+        state.attack, state.queue, state.done = None, [], 0
+        state.save(path)
+
+    return AutoAttackResult(
+        clean_accuracy=state.clean_accuracy,
+        robust_accuracy=state.robust.float().mean().item(),
+        robust=state.robust,
+        x_adv=x_adv,
+        resumed=resumed,
+    )
+
+
+def autoattack_accuracy(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float | str,
+    norm: str = "Linf",
+    version: str = "standard",
+    attacks: list[str] | None = None,
+    batch_size: int = 256,
+    seed: int | None = 0,
+    state_path: str | Path | None = None,
+    device: str | torch.device | None = None,
+) -> float:
+    """Robust accuracy under AutoAttack; see :func:`run_autoattack` for the arguments."""
+    return run_autoattack(
+        model,
+        x,
+        y,
+        eps=eps,
+        norm=norm,
+        version=version,
+        attacks=attacks,
+        batch_size=batch_size,
+        seed=seed,
+        state_path=state_path,
+        device=device,
+    ).robust_accuracy

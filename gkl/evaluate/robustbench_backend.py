@@ -1,0 +1,70 @@
+"""Run ``robustbench.eval.benchmark`` (robustbench 1.1, optional) on pyautoattack.
+
+Install robustbench with ``scripts/install_robustbench.sh``. Its ``aa_state_path`` resume is not
+exposed: robustbench 1.1 reads the state back with ``EvaluationState.from_disk`` and calls
+``.mean()`` on a bool tensor, which torch rejects; use :func:`gkl.evaluate.run_autoattack` with
+``state_path`` for resumable evaluations.
+"""
+
+from __future__ import annotations
+
+import importlib
+from contextlib import ExitStack
+from unittest import mock
+
+import torch
+from torch import Tensor, nn
+
+from gkl.attacks import parse_eps
+from gkl.evaluate import autoattack_compat
+from gkl.evaluate.protocol import check_eval_mode, check_protocol
+
+
+def robustbench_benchmark(
+    model: nn.Module,
+    *,
+    dataset: str = "cifar10",
+    threat_model: str = "Linf",
+    eps: float | str,
+    n_examples: int = 10000,
+    x_test: Tensor | None = None,
+    y_test: Tensor | None = None,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    data_dir: str = "./data",
+) -> tuple[float, float]:
+    """(clean accuracy, AutoAttack-standard accuracy) from ``robustbench.eval.benchmark``.
+
+    With ``x_test``/``y_test`` (inputs in [0, 1]) the first ``n_examples`` of them replace
+    ``robustbench.eval.load_clean_dataset``, which would otherwise download the test set to
+    ``data_dir``. The model must be in eval mode (checked on the first batch when data is given).
+    """
+    if (x_test is None) != (y_test is None):
+        raise ValueError("give both x_test and y_test, or neither")
+    with ExitStack() as stack:
+        stack.enter_context(autoattack_compat.installed())
+        try:
+            rb_eval = importlib.import_module("robustbench.eval")
+        except ModuleNotFoundError as error:
+            raise ModuleNotFoundError(
+                f"robustbench backend unavailable ({error}); run scripts/install_robustbench.sh"
+            ) from error
+        stack.enter_context(mock.patch.object(rb_eval, "AutoAttack", autoattack_compat.AutoAttack))
+        if x_test is not None:
+            x, y = x_test[:n_examples], y_test[:n_examples]
+            check_protocol(model, x[:batch_size])
+            stack.enter_context(
+                mock.patch.object(rb_eval, "load_clean_dataset", lambda *args, **kwargs: (x, y))
+            )
+        else:
+            check_eval_mode(model)
+        return rb_eval.benchmark(
+            model,
+            n_examples=n_examples,
+            dataset=dataset,
+            threat_model=threat_model,
+            data_dir=data_dir,
+            device=device,
+            batch_size=batch_size,
+            eps=parse_eps(eps, norm=threat_model),
+        )

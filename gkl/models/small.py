@@ -1,0 +1,87 @@
+"""Small Fashion-MNIST models (1x28x28 inputs, 10 classes by default)."""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """Conv-BN-ReLU-MaxPool(2) blocks, flattened into a linear head.
+
+    Each block halves the spatial size (floor), so a 28x28 input ends at 3x3 after three blocks.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        num_classes: int = 10,
+        in_channels: int = 1,
+        image_size: int = 28,
+    ) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        size = image_size
+        for out_channels in channels:
+            blocks += [
+                nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+                nn.BatchNorm2d(out_channels),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            in_channels, size = out_channels, size // 2
+        self.features = nn.Sequential(*blocks, nn.Flatten())
+        self.classifier = nn.Linear(in_channels * size * size, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Flattened feature maps, the input of the classifier."""
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class MLP(nn.Module):
+    """Flatten -> Linear -> ReLU -> Linear."""
+
+    def __init__(
+        self,
+        hidden: int = 32,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        image_size: int = 28,
+    ) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_channels * image_size * image_size, hidden), nn.ReLU()
+        )
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden-layer activations, the input of the classifier."""
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def fmnist_cnn(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> SmallCNN:
+    """KD teacher: 32-64-128 conv blocks, linear head (104,426 parameters for 10 classes)."""
+    return SmallCNN((32, 64, 128), num_classes, in_channels, image_size)
+
+
+def fmnist_mlp(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> MLP:
+    """KD student: 784-32-10 MLP (25,450 parameters for 10 classes)."""
+    return MLP(32, num_classes, in_channels, image_size)
+
+
+def fmnist_cnn_at(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> SmallCNN:
+    """Adversarial-training CNN: 48-96-128 conv blocks, linear head (164,570 parameters)."""
+    return SmallCNN((48, 96, 128), num_classes, in_channels, image_size)
+
+
+SMALL_MODELS: dict[str, Callable[..., nn.Module]] = {
+    "fmnist_cnn": fmnist_cnn,
+    "fmnist_mlp": fmnist_mlp,
+    "fmnist_cnn_at": fmnist_cnn_at,
+}
