@@ -1,4 +1,4 @@
-"""Teacher-output caching (torchdistill-style): teacher logits computed once, served with batches."""
+"""Teacher-output caching (torchdistill-style): logits computed once, served with the batches."""
 
 from __future__ import annotations
 
