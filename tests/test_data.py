@@ -463,7 +463,11 @@ def test_train_loader_is_seeded_and_reshuffles(tiny_fmnist: Path) -> None:
         dm = FashionMNISTDataModule(tiny_fmnist, batch_size=100, val_size=0, seed=seed)
         dm.setup("fit")
         loader = dm.train_dataloader()
-        return [next(iter(loader))[1].tolist() for _ in range(2)]
+        orders = []
+        for epoch in range(2):  # Lightning calls set_epoch at each epoch start
+            loader.sampler.set_epoch(epoch)
+            orders.append(next(iter(loader))[1].tolist())
+        return orders
 
     with pytest.warns(UserWarning, match="val_is_test"):
         first, again, other = label_order(0), label_order(0), label_order(3)
@@ -590,3 +594,19 @@ def test_generated_npz_file_errors(tmp_path: Path) -> None:
         dm.setup("fit")
     with pytest.raises(ValueError, match="generated_fraction"):
         CIFARDataModule("cifar10", generated_path=ok, generated_fraction=1.0)
+
+
+def test_train_order_depends_only_on_seed_and_epoch_and_resumes_mid_epoch(tiny_fmnist: Path):
+    def epoch_batches(dm: FashionMNISTDataModule, epoch: int) -> list[list[int]]:
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return [batch[1].tolist() for batch in loader]
+
+    dm = FashionMNISTDataModule(tiny_fmnist, batch_size=7, val_size=10, seed=4)
+    dm.setup("fit")
+    full = epoch_batches(dm, 3)
+    assert epoch_batches(dm, 3) == full and epoch_batches(dm, 2) != full
+    # A checkpoint taken after 2 batches of epoch 3 resumes with batch 3 of that epoch.
+    dm.load_state_dict({"epoch": 3, "batches_done": 2})
+    assert epoch_batches(dm, 3) == full[2:]
+    assert epoch_batches(dm, 3) == full  # the skip applies once

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gkl.data.datasets import BatchTransform, ImageTensorDataset
 
@@ -21,6 +21,37 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
         raise ValueError(f"val_size={val_size} must be in [0, {n}) for a training set of {n}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[val_size:], perm[:val_size]
+
+
+class EpochSampler(Sampler[int]):
+    """Random order drawn from ``(seed, epoch)`` alone, resumable part-way through an epoch.
+
+    Lightning calls :meth:`set_epoch` at each epoch start, so the order never depends on how many
+    epochs this process has run: a resumed run sees the same batches as an uninterrupted one.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+        self._resume: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume(self, epoch: int, samples_done: int) -> None:
+        """Skip the first ``samples_done`` samples the next time ``epoch`` is iterated."""
+        self.epoch, self._resume = epoch, (epoch, samples_done)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start = self._resume[1]
+        self._resume = None
+        return iter(order[start:])
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -75,7 +106,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
-        self._train_generator = torch.Generator().manual_seed(seed)
+        # Position in the training order saved in checkpoints: (epoch, batches already trained).
+        self._resume_position: tuple[int, int] | None = None
 
     # --- data sources -------------------------------------------------------------------------
 
@@ -148,14 +180,42 @@ class ImageDataModule(pl.LightningDataModule):
         return dataset
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training loader; order (and worker seeds) follow ``seed``."""
+        """Shuffled training loader; the order of each epoch follows ``(seed, epoch)``.
+
+        After a restore from a checkpoint taken mid-epoch, the batches already trained on are
+        skipped, so the run continues exactly (with ``num_workers=0``; worker processes draw their
+        own augmentation seeds).
+        """
+        train_set = self._require(self.train_set, "train_set")
+        sampler = EpochSampler(len(train_set), self.seed)
+        if self._resume_position is not None:
+            epoch, batches_done = self._resume_position
+            sampler.resume(epoch, batches_done * self.batch_size)
+            self._resume_position = None
+        # A private generator keeps the DataLoader from drawing worker seeds from the global RNG.
+        generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            self._require(self.train_set, "train_set"),
+            train_set,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=self._train_generator,
+            sampler=sampler,
+            generator=generator,
             **self._loader_kwargs(),
         )
+
+    def state_dict(self) -> dict[str, int]:
+        """The training position, saved by Lightning in every checkpoint."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        epoch = trainer.current_epoch
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= trainer.num_training_batches:
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches_done": done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if state_dict:
+            self._resume_position = (state_dict["epoch"], state_dict["batches_done"])
 
     def val_dataloader(self) -> DataLoader:
         """Validation loader (the test set when ``val_is_test``)."""

@@ -194,6 +194,6 @@ class CIFARDataModule(ImageDataModule):
         return DataLoader(
             ConcatImageDataset([train_set, self.generated_set]),
             batch_sampler=sampler,
-            generator=self._train_generator,
+            generator=torch.Generator().manual_seed(self.seed),
             **self._loader_kwargs(),
         )

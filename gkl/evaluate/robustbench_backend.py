@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 from contextlib import ExitStack
+from functools import partial
 from unittest import mock
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from gkl.attacks import parse_eps
 from gkl.evaluate import autoattack_compat
-from gkl.evaluate.protocol import check_eval_mode, check_protocol
+from gkl.evaluate.protocol import check_eval_mode, check_protocol, model_device
 
 
 def robustbench_benchmark(
@@ -30,6 +31,7 @@ def robustbench_benchmark(
     x_test: Tensor | None = None,
     y_test: Tensor | None = None,
     batch_size: int = 32,
+    seed: int | None = 0,
     device: str | torch.device | None = None,
     data_dir: str = "./data",
 ) -> tuple[float, float]:
@@ -38,6 +40,8 @@ def robustbench_benchmark(
     With ``x_test``/``y_test`` (inputs in [0, 1]) the first ``n_examples`` of them replace
     ``robustbench.eval.load_clean_dataset``, which would otherwise download the test set to
     ``data_dir``. The model must be in eval mode (checked on the first batch when data is given).
+    AutoAttack uses ``seed`` (robustbench itself passes none, i.e. a time-based seed) and runs
+    on ``device`` (default: the model's; robustbench would move the model to the CPU).
     """
     if (x_test is None) != (y_test is None):
         raise ValueError("give both x_test and y_test, or neither")
@@ -49,7 +53,8 @@ def robustbench_benchmark(
             raise ModuleNotFoundError(
                 f"robustbench backend unavailable ({error}); run scripts/install_robustbench.sh"
             ) from error
-        stack.enter_context(mock.patch.object(rb_eval, "AutoAttack", autoattack_compat.AutoAttack))
+        adversary = partial(autoattack_compat.AutoAttack, seed=seed)
+        stack.enter_context(mock.patch.object(rb_eval, "AutoAttack", adversary))
         if x_test is not None:
             x, y = x_test[:n_examples], y_test[:n_examples]
             check_protocol(model, x[:batch_size])
@@ -64,7 +69,7 @@ def robustbench_benchmark(
             dataset=dataset,
             threat_model=threat_model,
             data_dir=data_dir,
-            device=device,
+            device=torch.device(device) if device is not None else model_device(model),
             batch_size=batch_size,
             eps=parse_eps(eps, norm=threat_model),
         )
