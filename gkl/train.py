@@ -6,6 +6,7 @@ import inspect
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
+
+# gkl's data modules save and restore the position in the epoch themselves (ImageDataModule's
+# state_dict), so Lightning's "dataloader is not resumable" warning does not apply.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
 # Keys of the data config that describe the data set for interpolation (model.num_classes:
 # ${data.num_classes}) rather than arguments of the DataModule.

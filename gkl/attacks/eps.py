@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 _INT = re.compile(r"^[+-]?\d+$")
 _NEAR_K255 = 1e-3  # warn when eps is this close to some k/255 without being equal to it
-_SAME = 1e-9  # tolerance for "equal" (covers float round-off of k/255 written as a decimal)
+_SAME = 1e-6  # tolerance for "equal": float32 round-off of k/255 (<= 6e-8) counts as equal
 _NEAR_MESSAGE = r".* differs from \d+/255="
 
 
@@ -41,6 +41,12 @@ def parse_number(value: float | int | str, name: str = "value") -> float:
     return number
 
 
+def as_k_over_255(value: float) -> int | None:
+    """k if ``value`` equals k/255 (to 1e-6, i.e. up to float32 round-off), else ``None``."""
+    k = round(value * 255)
+    return k if abs(value - k / 255) <= _SAME else None
+
+
 def parse_eps(value: float | int | str, *, norm: str = "Linf", name: str = "eps") -> float:
     """Parse a perturbation budget; for ``norm="Linf"`` it is in [0, 1] pixel units.
 
@@ -62,8 +68,7 @@ def parse_eps(value: float | int | str, *, norm: str = "Linf", name: str = "eps"
             f"{name}={value!r}: eps is in [0,1] pixel units; did you mean {number:g}/255?"
         )
     k = round(number * 255)
-    gap = abs(number - k / 255)
-    if _SAME < gap <= _NEAR_K255:
+    if as_k_over_255(number) is None and abs(number - k / 255) <= _NEAR_K255:
         warnings.warn(
             f"{name}={number:g} differs from {k}/255={k / 255:.6f}; "
             f"write {name}: {k}/255 if that is what you meant",

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from gkl.attacks import parse_eps
+from gkl.attacks import as_k_over_255, parse_eps
 
 DATASETS = ("cifar10", "cifar100", "imagenet")
 THREAT_MODELS = ("Linf", "L2")
@@ -34,11 +34,11 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def eps_to_fraction_string(eps: float | str, norm: str = "Linf") -> str:
-    """RobustBench's eps notation: ``"k/255"`` for Linf budgets equal to k/255 (to 1e-9),
-    otherwise the shortest decimal (``"0.031"``, L2 ``"0.5"``)."""
+    """RobustBench's eps notation: ``"k/255"`` for Linf budgets equal to k/255 (to 1e-6),
+    otherwise the decimal (``"0.031"``, L2 ``"0.5"``)."""
     value = parse_eps(eps, norm=norm)
-    k = round(value * 255)
-    if norm == "Linf" and abs(value - k / 255) <= 1e-9:
+    k = as_k_over_255(value)
+    if norm == "Linf" and k is not None:
         return f"{k}/255"
     return f"{value:g}"
 

@@ -1,0 +1,263 @@
+"""End-to-end tests of train.py: every experiment, resume, multirun, Optuna, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from gkl.models import create_model
+from gkl.train import (
+    CONFIG_DIR,
+    METRICS_FILE,
+    SMOKE_METRICS_FILE,
+    build_datamodule,
+    build_task,
+    build_teacher,
+    run,
+)
+
+ROOT = Path(CONFIG_DIR).parent
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+needs_fmnist = pytest.mark.skipif(
+    not FMNIST.exists(), reason="needs `apt-get install dataset-fashion-mnist`"
+)
+
+
+def compose_cfg(tmp_path: Path, overrides: list[str]):
+    """Compose conf/train.yaml as `python train.py <overrides>` would, writing under tmp_path."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "train.yaml",
+            overrides=[
+                f"paths.root_dir={tmp_path}",
+                f"paths.output_dir={tmp_path / 'run'}",
+                "~callbacks.progress_bar",
+                *overrides,
+            ],
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def save_random_teacher(path: Path, name: str = "fmnist_cnn", num_classes: int = 10) -> Path:
+    torch.manual_seed(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": create_model(name, num_classes).state_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_runs_on_synthetic_data_and_is_marked_as_smoke(tmp_path, experiment):
+    cfg = compose_cfg(
+        tmp_path,
+        [f"+experiment={experiment}", "data.synthetic=true", "trainer.fast_dev_run=true"],
+    )
+    run(cfg)
+    smoke = json.loads((tmp_path / "run" / SMOKE_METRICS_FILE).read_text())
+    assert "NOT_A_RESULT" in smoke and "test/acc" in smoke["metrics"]
+    assert not (tmp_path / "run" / METRICS_FILE).exists()
+    assert not list((tmp_path / "teachers").glob("*.pth")), "smoke runs must not export weights"
+
+
+def test_cli_cifar100_kd_smoke_command(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "+experiment=cifar100_kd",
+            "data.synthetic=true",
+            "trainer.fast_dev_run=true",
+            f"paths.root_dir={tmp_path}",
+            "~callbacks.progress_bar",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "logs" / "cifar100_kd" / "runs").iterdir()
+    assert (run_dir / SMOKE_METRICS_FILE).exists() and (run_dir / "config.yaml").exists()
+
+
+def fmnist_kd_overrides(tmp_path: Path, epochs: int = 3) -> list[str]:
+    teacher = save_random_teacher(tmp_path / "teacher.pth")
+    return [
+        "+experiment=fmnist_kd",
+        f"teacher.checkpoint={teacher}",
+        "loss.use_class_prior=true",
+        "loss.temperature2=4.0",
+        "task.warmup_epochs=2",
+        "data.train_subset=1000",
+        "data.val_size=500",
+        "data.test_size=500",
+        "data.batch_size=50",
+        f"trainer.max_epochs={epochs}",
+        "callbacks.mid_epoch_checkpoint.every_n_train_steps=25",
+    ]
+
+
+@needs_fmnist
+def test_resume_after_a_crash_mid_epoch_is_exact(tmp_path):
+    overrides = fmnist_kd_overrides(tmp_path)
+    reference = run(compose_cfg(tmp_path / "a", overrides))
+
+    # The run dies at step 33 (epoch 2 of 3, 20 batches an epoch); its newest checkpoint is
+    # the mid-epoch one written at step 25.
+    run(compose_cfg(tmp_path / "b", [*overrides, "trainer.max_steps=33", "test=false"]))
+    checkpoint = tmp_path / "b" / "run" / "checkpoints" / "last-step.ckpt"
+    state = torch.load(checkpoint, weights_only=True, map_location="cpu")
+    assert state["global_step"] == 25 and state["epoch"] == 1
+    assert not any(k.startswith("teacher.") for k in state["state_dict"])
+    assert state["state_dict"]["class_prior.epochs_completed"].item() == 1
+
+    resumed = run(compose_cfg(tmp_path / "b", [*overrides, f"ckpt_path={checkpoint}"]))
+    assert resumed["test/acc"] == reference["test/acc"]
+    assert resumed["test/loss"] == reference["test/loss"]
+    assert resumed["val/acc"] == reference["val/acc"]
+
+
+@needs_fmnist
+def test_distillation_keeps_teacher_frozen_and_updates_class_prior(tmp_path):
+    cfg = compose_cfg(tmp_path, [*fmnist_kd_overrides(tmp_path, epochs=1), "test=false"])
+    teacher = build_teacher(cfg)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    task = build_task(cfg, instantiate(cfg.model), teacher, instantiate(cfg.loss), 10)
+    dm = build_datamodule(cfg.data)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    trainer.fit(task, datamodule=dm)
+    assert not task.teacher.training and task.model.training
+    assert all(p.grad is None and not p.requires_grad for p in task.teacher.parameters())
+    for key, value in task.teacher.state_dict().items():
+        assert torch.equal(value, before[key]), f"teacher {key} changed"
+    optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not optimised & {id(p) for p in task.teacher.parameters()}
+    prior = task.class_prior
+    assert prior.epochs_completed.item() == 1
+    assert not torch.allclose(prior.prior, torch.full_like(prior.prior, 0.1))
+    torch.testing.assert_close(prior.prior.sum(1), torch.ones(10, dtype=torch.float64))
+
+
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            *args,
+            f"paths.root_dir={tmp_path}",
+            "~callbacks.progress_bar",
+            "data.synthetic=true",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_multirun_with_two_values_launches_two_runs(tmp_path):
+    result = cli(
+        tmp_path,
+        "-m",
+        "+experiment=fmnist_kd",
+        "trainer.fast_dev_run=true",
+        "loss.beta=1,4",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted((tmp_path / "sweep").glob("*/" + SMOKE_METRICS_FILE))
+    assert len(runs) == 2
+    betas = sorted(
+        float(line.split(":")[1])
+        for run_file in runs
+        for line in (run_file.parent / "config.yaml").read_text().splitlines()
+        if line.startswith("  beta:")
+    )
+    assert betas == [1.0, 4.0]
+
+
+def test_optuna_sweep_runs_and_resumes_its_study(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    args = [
+        "-m",
+        "+experiment=fmnist_kd",
+        "hparams_search=fmnist_gkl_optuna",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=2",
+        "test=false",
+        "hydra.sweeper.n_trials=3",
+        f"hydra.sweeper.storage={storage}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+    for expected_trials in (3, 6):
+        result = cli(tmp_path, *args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        study = optuna.load_study(study_name="fmnist_gkl", storage=storage)
+        assert len(study.trials) == expected_trials
+        assert all(t.state.name == "COMPLETE" for t in study.trials)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_unknown_config_option_lists_valid_choices(tmp_path):
+    with pytest.raises(Exception, match=r"(?s)data/cifar1000.*Available options.*cifar100"):
+        compose_cfg(tmp_path, ["data=cifar1000"])
+
+
+def test_unknown_model_name_lists_valid_names(tmp_path):
+    cfg = compose_cfg(tmp_path, ["model.name=resnet9x4", "data.synthetic=true"])
+    with pytest.raises(Exception, match=r"Unknown model 'resnet9x4'.*Did you mean.*resnet8x4"):
+        run(cfg)
+
+
+def test_teacher_student_class_mismatch_fails_before_training(tmp_path):
+    teacher = save_random_teacher(tmp_path / "t.pth", num_classes=5)
+    cfg = compose_cfg(
+        tmp_path,
+        [
+            "+experiment=fmnist_kd",
+            "data.synthetic=true",
+            f"teacher.checkpoint={teacher}",
+            "teacher.num_classes=5",
+        ],
+    )
+    with pytest.raises(ValueError, match="teacher predicts 5 classes, student predicts 10"):
+        run(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_teacher_checkpoint_of_another_architecture_names_both(tmp_path):
+    wrong = save_random_teacher(tmp_path / "t.pth", name="fmnist_mlp")
+    cfg = compose_cfg(tmp_path, ["+experiment=fmnist_kd", f"teacher.checkpoint={wrong}"])
+    with pytest.raises(Exception, match=r"(?s)fmnist_cnn.*fmnist_mlp"):
+        run(cfg)
+
+
+def test_missing_teacher_checkpoint_says_how_to_get_one(tmp_path):
+    cfg = compose_cfg(tmp_path, ["+experiment=fmnist_kd"])
+    with pytest.raises(Exception, match=r"fmnist_cnn.pth.*\+experiment=fmnist_teacher"):
+        run(cfg)
+
+
+def test_missing_data_set_names_path_and_fix(tmp_path):
+    cfg = compose_cfg(tmp_path, [f"paths.fmnist_dir={tmp_path / 'nowhere'}"])
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*(apt-get install|data.download=true)"):
+        run(cfg)
