@@ -41,6 +41,11 @@ class DistillationTask(ClassificationTask):
         save_teacher: bool = False,
         cache_teacher_outputs: bool = False,
     ) -> None:
+        if not getattr(loss, "uses_teacher", True):
+            raise ValueError(
+                f"{type(loss).__name__} ignores the teacher; for a CE-only baseline use "
+                "task=classify teacher=none"
+            )
         super().__init__(model, num_classes, optimizer, scheduler)
         self.teacher = teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher)
         self.distill_loss = loss
