@@ -93,9 +93,10 @@ class DistillationTask(ClassificationTask):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)
-        x, y = batch
-        self.teacher_val_acc(self.teacher(x), y)
-        self.log("val/teacher_acc", self.teacher_val_acc, on_epoch=True)
+        if self.current_epoch == 0:  # the teacher is frozen: its accuracy is measured once
+            x, y = batch
+            self.teacher_val_acc(self.teacher(x), y)
+            self.log("val/teacher_acc", self.teacher_val_acc, on_epoch=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if not self.save_teacher:
