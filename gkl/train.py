@@ -48,6 +48,11 @@ def _as_tuple(value: Any) -> Any:
     return tuple(float(v) for v in value) if isinstance(value, list | tuple) else value
 
 
+def has_teacher(cfg: DictConfig) -> bool:
+    """``teacher=none`` leaves no ``_target_`` (an experiment may still set teacher fields)."""
+    return bool(cfg.get("teacher")) and "_target_" in cfg.teacher
+
+
 def build_teacher(cfg: DictConfig) -> torch.nn.Module:
     """Instantiate the teacher; on synthetic data a missing checkpoint gives a random teacher."""
     checkpoint = cfg.teacher.get("checkpoint")
@@ -133,7 +138,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data)
     model = instantiate(cfg.model)
-    teacher = build_teacher(cfg) if cfg.get("teacher") else None
+    teacher = build_teacher(cfg) if has_teacher(cfg) else None
     loss = instantiate(cfg.loss) if cfg.get("loss") else None
     check_class_counts(model, teacher, datamodule)
     task = build_task(cfg, model, teacher, loss, datamodule.num_classes)

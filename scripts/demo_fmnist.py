@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER = ROOT / "teachers" / "fmnist_cnn.pth"
 METHODS = {
-    "ce": ["task=classify", "teacher=none"],  # the student alone, same schedule
+    # The student alone, same data and schedule.
+    "ce": ["task=classify", "teacher=none", "~task.cache_teacher_outputs"],
     "kd": ["loss=kd"],
     "dkd": ["loss=dkd"],
     "gkl": ["loss=gkl_fmnist"],
