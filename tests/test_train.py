@@ -261,3 +261,22 @@ def test_missing_data_set_names_path_and_fix(tmp_path):
     cfg = compose_cfg(tmp_path, [f"paths.fmnist_dir={tmp_path / 'nowhere'}"])
     with pytest.raises(FileNotFoundError, match=r"nowhere.*(apt-get install|data.download=true)"):
         run(cfg)
+
+
+def test_timm_student_and_timm_teacher_compose_and_run(tmp_path):
+    cfg = compose_cfg(
+        tmp_path,
+        [
+            "+experiment=cifar100_kd",
+            "model=timm",
+            "model.name=resnet18",
+            "model.pretrained=false",
+            "teacher=timm",
+            "teacher.name=resnet18",
+            "data=cifar10",
+            "data.synthetic=true",
+            "trainer.fast_dev_run=true",
+        ],
+    )
+    metrics = run(cfg)
+    assert "test/acc" in metrics
