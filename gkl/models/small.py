@@ -75,6 +75,13 @@ def fmnist_mlp(num_classes: int = 10, in_channels: int = 1, image_size: int = 28
     return MLP(32, num_classes, in_channels, image_size)
 
 
+def fmnist_cnn_small(
+    num_classes: int = 10, in_channels: int = 1, image_size: int = 28
+) -> SmallCNN:
+    """Small CNN student: 8-16-32 conv blocks, linear head (8,834 parameters for 10 classes)."""
+    return SmallCNN((8, 16, 32), num_classes, in_channels, image_size)
+
+
 def fmnist_cnn_at(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> SmallCNN:
     """Adversarial-training CNN: 48-96-128 conv blocks, linear head (164,570 parameters)."""
     return SmallCNN((48, 96, 128), num_classes, in_channels, image_size)
@@ -83,5 +90,6 @@ def fmnist_cnn_at(num_classes: int = 10, in_channels: int = 1, image_size: int =
 SMALL_MODELS: dict[str, Callable[..., nn.Module]] = {
     "fmnist_cnn": fmnist_cnn,
     "fmnist_mlp": fmnist_mlp,
+    "fmnist_cnn_small": fmnist_cnn_small,
     "fmnist_cnn_at": fmnist_cnn_at,
 }
