@@ -16,6 +16,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gkl.tasks.speed import apply_speed, check_distributed, exclude_rank_local_buffers
+
 log = logging.getLogger(__name__)
 
 # gkl's data modules save and restore the position in the epoch themselves (ImageDataModule's
@@ -135,6 +137,7 @@ def write_metrics(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Seed, build everything from ``cfg``, fit, test the last-epoch weights, write metrics."""
+    check_distributed(cfg.trainer)  # DDP on one process: fail before building anything
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data)
     model = instantiate(cfg.model)
@@ -142,6 +145,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     loss = instantiate(cfg.loss) if cfg.get("loss") else None
     check_class_counts(model, teacher, datamodule)
     task = build_task(cfg, model, teacher, loss, datamodule.num_classes)
+    # Speed switches and DDP's rank-local buffers (gkl/tasks/speed.py, conf/speed/).
+    apply_speed(task, cfg.get("speed"))
+    exclude_rank_local_buffers(task)
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
@@ -157,9 +163,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
         results = trainer.test(task, datamodule=datamodule, verbose=False)
         metrics |= {k: float(v) for k, v in results[0].items()}
     smoke = is_smoke_test(cfg, datamodule)
-    write_metrics(cfg, trainer, metrics, smoke)
-    if cfg.get("export_weights") and not smoke:
-        export_weights(task.model, Path(cfg.export_weights))
+    if trainer.is_global_zero:  # under DDP every process gets here; one writes
+        write_metrics(cfg, trainer, metrics, smoke)
+        if cfg.get("export_weights") and not smoke:
+            export_weights(task.model, Path(cfg.export_weights))
     return metrics
 
 

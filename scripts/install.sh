@@ -8,6 +8,8 @@ venv="${GKL_VENV:-.venv}"
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -e ".[dev,sweep]"
+# Independent PGD reference for the attack tests; its metadata pins an old requests, so no deps.
+"$venv/bin/python" -m pip install -q --no-deps torchattacks==3.5.1
 
 fmnist=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 if [ ! -f "$fmnist" ] && command -v apt-get >/dev/null 2>&1; then

@@ -51,7 +51,12 @@ MDISTILLER_LAYOUT = {
     "ResNet18": (11_220_132, "bb5021dad9541605"),
     "ResNet50": (23_705_252, "d4a9e0738c8f8385"),
 }
-FMNIST_PARAMS = {"fmnist_cnn": 104_426, "fmnist_mlp": 25_450, "fmnist_cnn_at": 164_570}
+FMNIST_PARAMS = {
+    "fmnist_cnn": 104_426,
+    "fmnist_mlp": 25_450,
+    "fmnist_cnn_small": 8_834,
+    "fmnist_cnn_at": 164_570,
+}
 # Real CPU forward passes: the biggest run a batch of one; the costliest are marked slow (their
 # shapes are still checked on the meta device by test_zoo_shapes_on_meta_device).
 BIG = {"wrn_28_10", "wrn_34_10", "ResNet50"}

@@ -1,0 +1,191 @@
+"""CLIP teachers and students (gkl.models.clip), offline: random weights, a small architecture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from gkl.models import FrozenTeacher
+from gkl.models import clip as clip_module
+from gkl.models.classnames import (
+    CIFAR10_CLASSES,
+    CIFAR100_CLASSES,
+    CIFAR_TEMPLATES,
+    get_class_names,
+    get_templates,
+)
+from gkl.models.clip import (
+    CLIPClassifier,
+    build_clip_student,
+    build_clip_teacher,
+    check_clip_model,
+    create_clip,
+    encode_class_texts,
+)
+from gkl.train import CONFIG_DIR, run
+
+SMALL = "ViT-S-32-alt"  # a small open_clip CLIP: 384-wide image tower, 256-wide text tower
+TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}."]
+
+
+def compose_cfg(tmp_path: Path, overrides: list[str]):
+    """Compose conf/train.yaml as `python train.py <overrides>` would, writing under tmp_path."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            "train.yaml",
+            overrides=[
+                f"paths.root_dir={tmp_path}",
+                f"paths.output_dir={tmp_path / 'run'}",
+                "~callbacks.progress_bar",
+                *overrides,
+            ],
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("clip_heads")
+
+
+@pytest.fixture(scope="module")
+def teacher(cache_dir) -> FrozenTeacher:
+    return build_clip_teacher(
+        SMALL, None, "cifar10", TEMPLATES, num_classes=10, cache_dir=cache_dir, allow_random=True
+    )
+
+
+def test_random_teacher_has_one_unit_row_per_class(teacher):
+    classifier = teacher.model
+    assert isinstance(classifier, CLIPClassifier)
+    assert classifier.text_head.shape == (10, 256)
+    torch.testing.assert_close(classifier.text_head.norm(dim=1), torch.ones(10))
+    assert classifier.logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-4)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert not any("token_embedding" in name for name, _ in teacher.named_parameters())
+
+
+def test_wrapper_takes_unit_range_images_of_any_size(teacher):
+    classifier = teacher.model
+    x = torch.rand(3, 3, 32, 32)
+    resized = classifier.resize(x)
+    assert resized.shape == (3, 3, 224, 224)
+    assert resized.min() >= 0 and resized.max() <= 1
+    logits = teacher(x)
+    assert logits.shape == (3, 10) and torch.isfinite(logits).all()
+    assert classifier.resize(torch.rand(2, 3, 40, 30)).shape == (2, 3, 224, 224)
+    # logits = logit_scale * normalize(image features) @ head.T
+    features = classifier.image_features(x)
+    expected = classifier.logit_scale * features @ classifier.text_head.T
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(features.norm(dim=1), torch.ones(3))
+
+
+def test_head_rows_are_normalised_means_of_normalised_template_embeddings():
+    import open_clip
+
+    model = create_clip(SMALL, None)
+    tokenizer = open_clip.get_tokenizer(SMALL)
+    names = ["cat", "dog", "ship"]
+    head = encode_class_texts(model, tokenizer, names, TEMPLATES)
+    with torch.no_grad():
+        per_template = [
+            F.normalize(model.encode_text(tokenizer([t.format(n) for n in names])), dim=-1)
+            for t in TEMPLATES
+        ]
+    expected = F.normalize(torch.stack(per_template).mean(0), dim=-1)
+    torch.testing.assert_close(head, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_second_build_reads_the_cached_head(teacher, cache_dir, monkeypatch):
+    (cached,) = list(cache_dir.glob(f"{SMALL}-*.pt"))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the head should come from the cache")
+
+    monkeypatch.setattr(clip_module, "encode_class_texts", fail)
+    again = build_clip_teacher(
+        SMALL, None, "cifar10", TEMPLATES, num_classes=10, cache_dir=cache_dir, allow_random=True
+    )
+    assert torch.equal(again.model.text_head, teacher.model.text_head)
+    assert list(cache_dir.glob(f"{SMALL}-*.pt")) == [cached]
+
+
+def test_class_name_count_must_match_the_data_set():
+    with pytest.raises(ValueError, match=r"10 class names \(cifar10\).*100 classes"):
+        build_clip_teacher(SMALL, None, "cifar10", num_classes=100, allow_random=True)
+
+
+def test_unknown_model_and_tag_list_the_valid_names():
+    with pytest.raises(ValueError, match=r"unknown open_clip model 'ViT-B-33'.*ViT-B-32"):
+        check_clip_model("ViT-B-33", "openai")
+    with pytest.raises(ValueError, match=r"unknown pretrained tag 'opneai'.*openai.*laion2b"):
+        check_clip_model("ViT-B-32", "opneai")
+
+
+def test_random_teacher_needs_allow_random():
+    with pytest.raises(ValueError, match="randomly initialised teacher teaches nothing"):
+        build_clip_teacher(SMALL, None, "cifar10", num_classes=10)
+
+
+def test_student_shares_the_teachers_head_and_projects_to_its_width(teacher, cache_dir):
+    student = build_clip_student(
+        "ViT-S-32",
+        SMALL,
+        "openai",
+        "cifar10",
+        TEMPLATES,
+        10,
+        cache_dir=cache_dir,
+        synthetic_data=True,
+    )
+    assert torch.equal(student.text_head, teacher.model.text_head)
+    assert student.logit_scale == teacher.model.logit_scale
+    assert isinstance(student.image_encoder[-1], torch.nn.Linear)  # 384 -> 256
+    assert "text_head" not in dict(student.named_parameters())
+    assert all(p.requires_grad for p in student.parameters()) and student.training
+    logits = student(torch.rand(2, 3, 32, 32))
+    logits.sum().backward()
+    assert logits.shape == (2, 10)
+
+
+def test_class_name_and_template_sets():
+    assert len(get_class_names("imagenet")) == 1000
+    assert get_class_names("cifar100") == CIFAR100_CLASSES and len(CIFAR100_CLASSES) == 100
+    assert get_class_names("cifar10") == CIFAR10_CLASSES
+    assert get_templates(None, "cifar10") == CIFAR_TEMPLATES and len(CIFAR_TEMPLATES) == 18
+    assert len(get_templates(None, "imagenet")) == 80
+    with pytest.raises(ValueError, match="shipped sets"):
+        get_class_names("cifar1000")
+    with pytest.raises(ValueError, match="one '{}'"):
+        get_templates(["a photo"])
+
+
+def test_cifar_kd_with_a_clip_teacher_runs(tmp_path):
+    cfg = compose_cfg(
+        tmp_path,
+        [
+            "+experiment=cifar100_kd",
+            "teacher=clip",
+            f"teacher.name={SMALL}",
+            f"teacher.cache_dir={tmp_path / 'heads'}",
+            "data.synthetic=true",
+            "data.batch_size=8",
+            "trainer.fast_dev_run=true",
+        ],
+    )
+    assert cfg.teacher.class_names == "cifar100"
+    metrics = run(cfg)
+    assert "test/acc" in metrics
