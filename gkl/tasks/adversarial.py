@@ -1,0 +1,281 @@
+"""Adversarial training task: TRADES, GKL-AT and PGD-AT, with eps ramp, AWP and weight EMA."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from gkl.attacks import NORMS, parse_eps, parse_number, pgd, quiet_eps_warnings, trades_perturb
+from gkl.evaluate.protocol import default_step_size
+from gkl.losses import ClassPrior, CrossEntropyLoss, DKLLoss, GKLLoss, TradesKLLoss
+
+from .awp import Forward, add_perturbation, awp_perturbation
+from .classify import ClassificationTask, OptimizerFactory, SchedulerFactory
+from .ema import ema_copy, update_ema
+
+OBJECTIVES = ("trades", "gkl", "pgd_at")
+
+
+class AdversarialTask(ClassificationTask):
+    """Adversarial training of ``model`` (images in [0, 1] -> logits) against ``norm`` attacks.
+
+    Per batch, with ``eps_t = eps * r``, ``step_t = step_size * r`` and the ramp factor
+    ``r = min((epoch + 1) / eps_ramp_epochs, 1)`` (``r = 1`` when ``eps_ramp_epochs = 0``):
+
+    - ``trades``: ``x_adv`` = TRADES inner max of ``KL(f(x) || f(x'))`` (``steps`` steps from
+      ``x + 0.001 N(0, I)``);
+      ``loss = ce_weight * CE(f(x), y) + trades_beta * KL(f(x) || f(x_adv))``
+      (``loss``: :class:`TradesKLLoss`, the default).
+    - ``gkl`` (GKL-AT, Cui et al.): the same ``x_adv``;
+      ``loss = ce_weight * CE(f(x), y) + GKL(f(x_adv), f(x), class prior rows)``, gradients into
+      both branches (``loss``: :class:`GKLLoss`, or :class:`DKLLoss`). With
+      ``loss.use_class_prior`` a :class:`ClassPrior` accumulates ``softmax(f(x) / T2)`` of the
+      natural logits per true class and is refreshed at each epoch end.
+    - ``pgd_at`` (Madry et al.): ``x_adv`` = PGD on CE with a uniform random start;
+      ``loss = CE(f(x_adv), y)`` (``loss``: ``None`` or :class:`CrossEntropyLoss`).
+
+    The attacks run the model in eval mode (BatchNorm statistics frozen) and restore its mode.
+    ``awp_gamma > 0`` adds adversarial weight perturbation (:mod:`gkl.tasks.awp`) of the same loss
+    from the 1-based epoch ``awp_warmup_epoch`` on (the AWP code's ``epoch >= awp_warmup``).
+    ``ema_decay`` keeps a per-step EMA of weights and buffers (:mod:`gkl.tasks.ema`) that is
+    used for validation and testing, saved in checkpoints and exported. ``val_pgd_subset > 0``
+    logs ``val/pgd_acc``: accuracy under PGD-``val_pgd_steps`` (full ``eps``, step
+    ``2.5 * eps / steps``, random start from a generator seeded with ``val_pgd_seed``) on the
+    first ``val_pgd_subset`` validation images. ``train/acc`` is the accuracy on ``x_adv``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None = None,
+        loss: nn.Module | None = None,
+        objective: str = "trades",
+        eps: float | str = "8/255",
+        step_size: float | str = "2/255",
+        steps: int = 10,
+        norm: str = "Linf",
+        eps_ramp_epochs: int = 0,
+        trades_beta: float = 6.0,
+        ce_weight: float = 1.0,
+        awp_gamma: float = 0.0,
+        awp_warmup_epoch: int = 0,
+        ema_decay: float | None = None,
+        val_pgd_steps: int = 10,
+        val_pgd_subset: int = 0,
+        val_pgd_seed: int = 0,
+        require_generated_data: bool = False,
+    ) -> None:
+        super().__init__(model, num_classes, optimizer, scheduler)
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; valid names: {list(OBJECTIVES)}")
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; valid names: {list(NORMS)}")
+        if steps < 1 or val_pgd_steps < 1:
+            raise ValueError(
+                f"need steps >= 1 and val_pgd_steps >= 1, got {steps}, {val_pgd_steps}"
+            )
+        if eps_ramp_epochs < 0 or val_pgd_subset < 0 or awp_gamma < 0:
+            raise ValueError(
+                "eps_ramp_epochs, val_pgd_subset and awp_gamma must be >= 0 (0 turns them off), "
+                f"got {eps_ramp_epochs}, {val_pgd_subset}, {awp_gamma}"
+            )
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (null or 0: off), got {ema_decay}")
+        self.objective = objective
+        self.robust_loss = _check_loss(objective, loss)
+        self.eps = parse_eps(eps, norm=norm)
+        self.step_size = parse_number(step_size, "step_size")
+        self.steps = steps
+        self.norm = norm
+        self.eps_ramp_epochs = eps_ramp_epochs
+        self.trades_beta = trades_beta
+        self.ce_weight = ce_weight
+        self.awp_gamma = awp_gamma
+        self.awp_warmup_epoch = awp_warmup_epoch
+        self.ema_decay = ema_decay or None
+        self.val_pgd_steps = val_pgd_steps
+        self.val_pgd_subset = val_pgd_subset
+        self.val_pgd_seed = val_pgd_seed
+        self.require_generated_data = require_generated_data
+        uses_prior = objective == "gkl" and getattr(loss, "use_class_prior", False)
+        self.class_prior = (
+            ClassPrior(num_classes, temperature=loss.temperature2) if uses_prior else None
+        )
+        self.ema_model = ema_copy(model) if self.ema_decay else None
+        self.val_pgd_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._awp: dict[str, Tensor] | None = None
+        self._val_seen = 0
+        self._val_generator: torch.Generator | None = None
+
+    # --- schedule ---------------------------------------------------------------------------
+
+    def eps_factor(self) -> float:
+        """``min((epoch + 1) / eps_ramp_epochs, 1)``, or 1 without a ramp (1-based epochs, as the
+        GKL-AT code's ``epsilon * epoch / epochs``)."""
+        if self.eps_ramp_epochs <= 0:
+            return 1.0
+        return min((self.current_epoch + 1) / self.eps_ramp_epochs, 1.0)
+
+    def awp_active(self) -> bool:
+        return self.awp_gamma > 0 and self.current_epoch + 1 >= self.awp_warmup_epoch
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated, tested and exported: the EMA when enabled."""
+        return self.ema_model if self.ema_model is not None else self.model
+
+    @property
+    def export_model(self) -> nn.Module:
+        """The network to release (``export_weights``): the EMA when enabled."""
+        return self.eval_model
+
+    # --- training ---------------------------------------------------------------------------
+
+    def adversarial_examples(self, x: Tensor, y: Tensor) -> Tensor:
+        """``x_adv`` for the current epoch's budget (detached, in [0, 1])."""
+        factor = self.eps_factor()
+        eps, step = self.eps * factor, self.step_size * factor
+        with quiet_eps_warnings():  # the ramped eps is rarely some k/255
+            if self.objective == "pgd_at":
+                return pgd(
+                    self.model, x, y, eps=eps, step_size=step, steps=self.steps, norm=self.norm
+                )
+            return trades_perturb(
+                self.model, x, eps=eps, step_size=step, steps=self.steps, norm=self.norm
+            )
+
+    def objective_loss(
+        self, forward: Forward, x: Tensor, x_adv: Tensor, y: Tensor, prior: Tensor | None
+    ) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor | None]:
+        """``(loss, parts, adversarial logits, natural logits or None)`` with ``forward`` as the
+        network (the model, or AWP's functional copy); ``prior``: class-prior rows of ``y``."""
+        if self.objective == "pgd_at":
+            adv_logits = forward(x_adv)
+            return F.cross_entropy(adv_logits, y), {}, adv_logits, None
+        nat_logits = forward(x)  # natural first, then adversarial: the TRADES code's order
+        adv_logits = forward(x_adv)
+        ce = F.cross_entropy(nat_logits, y)
+        if self.objective == "trades":
+            robust = self.trades_beta * self.robust_loss(adv_logits, nat_logits, y)
+        else:
+            robust = self.robust_loss(adv_logits, nat_logits, y, class_prior=prior)
+        loss = self.ce_weight * ce + robust
+        return loss, {"ce": ce, "robust": robust}, adv_logits, nat_logits
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        x_adv = self.adversarial_examples(x, y)
+        prior = self.class_prior.rows(y, x.dtype) if self.class_prior is not None else None
+        if self.awp_active():
+            self._awp = awp_perturbation(
+                self.model,
+                lambda forward: self.objective_loss(forward, x, x_adv, y, prior)[0],
+                self.awp_gamma,
+            )
+            add_perturbation(self.model, self._awp, 1.0)
+        loss, parts, adv_logits, nat_logits = self.objective_loss(self.model, x, x_adv, y, prior)
+        if self.class_prior is not None:
+            self.class_prior.update(nat_logits, y)
+        self.log_train(loss, adv_logits, y, parts)
+        self.log("train/eps", self.eps * self.eps_factor(), on_step=False, on_epoch=True)
+        return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Step at the perturbed weights, then remove the AWP perturbation and update the EMA.
+
+        Runs before any callback's ``on_train_batch_end``, so checkpoints never hold perturbed
+        weights.
+        """
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self._awp is not None:
+            add_perturbation(self.model, self._awp, -1.0)
+            self._awp = None
+        if self.ema_model is not None:
+            update_ema(self.ema_model, self.model, self.ema_decay)
+
+    def on_fit_start(self) -> None:
+        trainer = self.trainer
+        if self.awp_gamma > 0 and trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                "AWP removes its weight perturbation after each optimizer step, so it needs "
+                f"trainer.accumulate_grad_batches=1 (got {trainer.accumulate_grad_batches})"
+            )
+        datamodule = trainer.datamodule
+        if (
+            self.require_generated_data
+            and not getattr(datamodule, "is_synthetic", False)
+            and getattr(datamodule, "generated_path", None) is None
+        ):
+            raise ValueError(
+                "this experiment trains on generated images: set data.generated_path=<DM-AT "
+                ".npz with 'image' (N, 32, 32, 3) uint8 and 'label'>"
+            )
+
+    def on_train_epoch_end(self) -> None:
+        if self.class_prior is not None:
+            self.class_prior.end_epoch()
+
+    # --- evaluation -------------------------------------------------------------------------
+
+    def _evaluate(self, batch, metric: MulticlassAccuracy, stage: str) -> None:
+        x, y = batch
+        logits = self.eval_model(x)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
+        metric(logits, y)
+        self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_seen = 0
+        self._val_generator = torch.Generator(device=self.device).manual_seed(self.val_pgd_seed)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        x, y = batch
+        take = min(len(x), self.val_pgd_subset - self._val_seen)
+        self._val_seen += len(x)
+        if take <= 0:
+            return
+        # Lightning validates in inference mode; attacks need autograd on normal tensors.
+        with torch.inference_mode(False):
+            xs, ys = x[:take].clone(), y[:take].clone()
+            with quiet_eps_warnings():
+                x_adv = pgd(
+                    self.eval_model,
+                    xs,
+                    ys,
+                    eps=self.eps,
+                    step_size=default_step_size(self.eps, self.val_pgd_steps),
+                    steps=self.val_pgd_steps,
+                    norm=self.norm,
+                    generator=self._val_generator,
+                )
+            with torch.no_grad():
+                logits = self.eval_model(x_adv)
+        self.val_pgd_acc(logits, ys)
+        self.log("val/pgd_acc", self.val_pgd_acc, on_epoch=True, prog_bar=True)
+
+
+def _check_loss(objective: str, loss: nn.Module | None) -> nn.Module | None:
+    """The robust-term module for ``objective``, or a ``ValueError`` naming the right loss."""
+    if objective == "trades":
+        if loss is None:
+            return TradesKLLoss()
+        if not isinstance(loss, TradesKLLoss):
+            raise ValueError(
+                f"objective='trades' uses TradesKLLoss (weighted by task.trades_beta), got "
+                f"{type(loss).__name__}: set loss._target_=gkl.losses.TradesKLLoss (as "
+                "conf/experiment/fmnist_trades.yaml does); for GKL use objective='gkl' loss=gkl"
+            )
+    elif objective == "gkl":
+        if not isinstance(loss, GKLLoss | DKLLoss):
+            got = type(loss).__name__ if loss is not None else None
+            raise ValueError(f"objective='gkl' needs loss=gkl (GKLLoss) or dkl, got {got}")
+    elif loss is not None and not isinstance(loss, CrossEntropyLoss):
+        raise ValueError(
+            f"objective='pgd_at' trains on CE(f(x_adv), y); use loss=ce, got {type(loss).__name__}"
+        )
+    return loss if objective != "pgd_at" else None
