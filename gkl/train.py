@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gkl.config import CONFIG_DIR
 from gkl.tasks.speed import apply_speed, check_distributed, exclude_rank_local_buffers
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,6 @@ warnings.filterwarnings("ignore", message="You're resuming from a checkpoint tha
 # ${data.num_classes}) rather than arguments of the DataModule.
 DATA_META_KEYS = ("num_classes", "mean", "std", "input_shape")
 SMOKE_METRICS_FILE = "metrics.smoke.json"
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 METRICS_FILE = "metrics.json"
 
 
@@ -166,7 +166,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:  # under DDP every process gets here; one writes
         write_metrics(cfg, trainer, metrics, smoke)
         if cfg.get("export_weights") and not smoke:
-            export_weights(task.model, Path(cfg.export_weights))
+            export_weights(task.export_model, Path(cfg.export_weights))
     return metrics
 
 

@@ -1,12 +1,17 @@
-"""Framework overhead of one distillation training step: the Lightning task vs a plain loop.
+"""Framework overhead of one training step: the Lightning task vs a plain loop doing the same work.
 
-Both paths train the same student with the same frozen teacher, loss (GKL with class prior, the
-cifar100_kd recipe) and SGD on the same fixed batch; each step's wall time is taken between
-consecutive batch starts. Rounds alternate Lightning and plain so machine noise hits both.
+``--task kd``: DistillationTask, student and frozen teacher, GKL with class prior (the
+cifar100_kd recipe). ``--task trades`` / ``--task gkl_at``: AdversarialTask, TRADES inner max
+(``--steps-attack`` steps of eps/4 from x + 0.001 N) then CE + 6 KL (TRADES) or CE + GKL with
+the natural-logit class prior (GKL-AT, the fmnist_gkl_at loss). Both paths use SGD on the same
+fixed batch; each step's wall time is taken between consecutive batch starts. Rounds alternate
+Lightning and plain so machine noise hits both.
 
     python scripts/bench_step.py                                   # resnet32x4 -> resnet8x4, B=64
     python scripts/bench_step.py --teacher fmnist_cnn --student fmnist_mlp --shape 1 28 28 \
         --classes 10 --batch 128
+    python scripts/bench_step.py --task trades --student fmnist_cnn_at --shape 1 28 28 \
+        --classes 10 --batch 128 --eps 0.1                         # fmnist_trades' step
 """
 
 from __future__ import annotations
@@ -20,9 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from gkl.losses import ClassPrior, GKLLoss
+from gkl.attacks import trades_perturb
+from gkl.losses import ClassPrior, GKLLoss, TradesKLLoss, trades_kl
 from gkl.models import FrozenTeacher, Normalized, create_model
-from gkl.tasks import DistillationTask
+from gkl.tasks import AdversarialTask, DistillationTask
+
+TASKS = ("kd", "trades", "gkl_at")
+TRADES_BETA = 6.0
 
 
 class RepeatedBatch(Dataset):
@@ -49,24 +58,56 @@ class StepTimer(pl.Callback):
         self.starts.append(time.perf_counter())
 
 
-def build(args):
-    torch.manual_seed(0)
+def normalized(name: str, args) -> Normalized:
     mean, std = [0.5] * args.shape[0], [0.25] * args.shape[0]
-    teacher = FrozenTeacher(Normalized(create_model(args.teacher, args.classes), mean, std))
-    student = Normalized(create_model(args.student, args.classes), mean, std)
+    return Normalized(create_model(name, args.classes), mean, std)
+
+
+def build_kd(args):
+    torch.manual_seed(0)
+    teacher = FrozenTeacher(normalized(args.teacher, args))
+    student = normalized(args.student, args)
     loss = GKLLoss(
         alpha=1, beta=16, gamma=0.05, temperature=4, temperature2=4, use_class_prior=True
     )
     return student, teacher, loss
 
 
+def build_adversarial(args):
+    """The network and the robust loss of ``args.task`` (fmnist_trades / fmnist_gkl_at's)."""
+    torch.manual_seed(0)
+    if args.task == "trades":
+        return normalized(args.student, args), TradesKLLoss()
+    loss = GKLLoss(alpha=4, beta=20, gamma=1, temperature=1, temperature2=4, use_class_prior=True)
+    return normalized(args.student, args), loss
+
+
 def sgd(params):
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
+def lightning_task(args) -> pl.LightningModule:
+    if args.task == "kd":
+        student, teacher, loss = build_kd(args)
+        return DistillationTask(
+            student, teacher, loss, args.classes, optimizer=sgd, warmup_epochs=20
+        )
+    model, loss = build_adversarial(args)
+    return AdversarialTask(
+        model,
+        args.classes,
+        sgd,
+        loss=loss,
+        objective="trades" if args.task == "trades" else "gkl",
+        eps=args.eps,
+        step_size=args.eps / 4,
+        steps=args.steps_attack,
+        trades_beta=TRADES_BETA,
+    )
+
+
 def lightning_step_times(args, x, y) -> list[float]:
-    student, teacher, loss = build(args)
-    task = DistillationTask(student, teacher, loss, args.classes, optimizer=sgd, warmup_epochs=20)
+    task = lightning_task(args)
     timer = StepTimer()
     trainer = pl.Trainer(
         max_epochs=1,
@@ -86,22 +127,56 @@ def lightning_step_times(args, x, y) -> list[float]:
     return times[args.warmup :]
 
 
-def plain_step_times(args, x, y) -> list[float]:
-    student, teacher, loss = build(args)
-    device = torch.device(args.device)
+def kd_loss_fn(args, device):
+    """Plain-loop loss of the kd task: CE + warm-up-weighted GKL with the teacher's class prior."""
+    student, teacher, loss = build_kd(args)
     student, teacher = student.to(device).train(), teacher.to(device)
     prior = ClassPrior(args.classes, temperature=4.0).to(device)
-    optimizer = sgd(student.parameters())
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        xb, yb = x.to(device), y.to(device)
+
+    def step_loss(xb, yb):
         teacher_logits = teacher(xb)
         logits = student(xb)
         total = F.cross_entropy(logits, yb) + (1 / 20) * loss(
             logits, teacher_logits, yb, class_prior=prior.rows(yb)
         )
         prior.update(teacher_logits, yb)
+        return total
+
+    return student, step_loss
+
+
+def adversarial_loss_fn(args, device):
+    """Plain-loop loss of trades / gkl_at: TRADES inner max, then the objective on both branches."""
+    model, loss = build_adversarial(args)
+    model = model.to(device).train()
+    prior = ClassPrior(args.classes, temperature=4.0).to(device) if args.task == "gkl_at" else None
+
+    def step_loss(xb, yb):
+        x_adv = trades_perturb(
+            model, xb, eps=args.eps, step_size=args.eps / 4, steps=args.steps_attack
+        )
+        model.train()
+        nat_logits = model(xb)
+        adv_logits = model(x_adv)
+        ce = F.cross_entropy(nat_logits, yb)
+        if prior is None:
+            return ce + TRADES_BETA * trades_kl(adv_logits, nat_logits)
+        total = ce + loss(adv_logits, nat_logits, yb, class_prior=prior.rows(yb))
+        prior.update(nat_logits, yb)
+        return total
+
+    return model, step_loss
+
+
+def plain_step_times(args, x, y) -> list[float]:
+    device = torch.device(args.device)
+    build = kd_loss_fn if args.task == "kd" else adversarial_loss_fn
+    model, step_loss = build(args, device)
+    optimizer = sgd(model.parameters())
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        total = step_loss(x.to(device), y.to(device))
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
@@ -113,11 +188,14 @@ def plain_step_times(args, x, y) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--teacher", default="resnet32x4")
-    parser.add_argument("--student", default="resnet8x4")
+    parser.add_argument("--task", choices=TASKS, default="kd")
+    parser.add_argument("--teacher", default="resnet32x4", help="kd only")
+    parser.add_argument("--student", default="resnet8x4", help="the trained network")
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--shape", type=int, nargs=3, default=[3, 32, 32])
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--eps", type=float, default=8 / 255, help="trades / gkl_at: L-inf eps")
+    parser.add_argument("--steps-attack", type=int, default=5, help="trades / gkl_at: inner steps")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
@@ -131,14 +209,18 @@ def main() -> None:
         lightning_times += lightning_step_times(args, x, y)
         plain_times += plain_step_times(args, x, y)
     lit, plain = statistics.median(lightning_times), statistics.median(plain_times)
+    what = f"{args.teacher} -> {args.student}" if args.task == "kd" else args.student
+    task_name = {"kd": "DistillationTask", "trades": "AdversarialTask (trades)"}.get(
+        args.task, "AdversarialTask (gkl)"
+    )
     print(
-        f"{args.teacher} -> {args.student}, batch {args.batch}, device {args.device}, "
+        f"task {args.task}: {what}, batch {args.batch}, device {args.device}, "
         f"threads {torch.get_num_threads()}, {len(plain_times)} timed steps each"
     )
     print("| path | median step (ms) | images/s |")
     print("|---|---|---|")
     print(f"| plain PyTorch loop | {plain * 1e3:.1f} | {args.batch / plain:.1f} |")
-    print(f"| Lightning DistillationTask | {lit * 1e3:.1f} | {args.batch / lit:.1f} |")
+    print(f"| Lightning {task_name} | {lit * 1e3:.1f} | {args.batch / lit:.1f} |")
     print(f"framework overhead: {100 * (lit / plain - 1):+.1f}%")
 
 

@@ -19,14 +19,13 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from matplotlib.figure import Figure
 
 from gkl.attacks import parse_eps, quiet_eps_warnings
+from gkl.config import compose_config
 from gkl.evaluate import autoattack_accuracy, clean_accuracy, pgd_accuracy
 from gkl.evaluate.run import load_model, test_tensors
-from gkl.train import CONFIG_DIR, build_datamodule
+from gkl.train import build_datamodule
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -53,17 +52,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def curve(args: argparse.Namespace, overrides: list[str]) -> dict:
     """``{label: {"eps": [...], "pgd": [...], "autoattack": [...]}}`` on the same test images."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "eval.yaml",
-            overrides=[
-                f"ckpt_path={args.ckpt[0]}",
-                f"paths.output_dir={args.out.parent}",
-                *overrides,
-            ],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
+    cfg = compose_config(
+        "eval.yaml",
+        [f"ckpt_path={args.ckpt[0]}", f"paths.output_dir={args.out.parent}", *overrides],
+    )
     budgets = [parse_eps(e, norm=cfg.norm) for e in args.eps]
     x, y = test_tensors(build_datamodule(cfg.data), args.n_examples)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))

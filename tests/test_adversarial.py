@@ -11,18 +11,15 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from gkl.config import compose_config
 from gkl.losses import ClassPrior, CrossEntropyLoss, GKLLoss, KDLoss, TradesKLLoss
 from gkl.tasks import AdversarialTask
 from gkl.tasks.awp import add_perturbation, awp_perturbation
 from gkl.tasks.ema import update_ema
-from gkl.train import CONFIG_DIR, run
+from gkl.train import run
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -315,22 +312,15 @@ def test_update_ema_formula():
 
 def compose_cfg(tmp_path: Path, overrides: list[str]):
     """Compose conf/train.yaml as `python train.py <overrides>` would, writing under tmp_path."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "train.yaml",
-            overrides=[
-                f"paths.root_dir={tmp_path}",
-                f"paths.output_dir={tmp_path / 'run'}",
-                "~callbacks.progress_bar",
-                *overrides,
-            ],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return compose_config(
+        "train.yaml",
+        [
+            f"paths.root_dir={tmp_path}",
+            f"paths.output_dir={tmp_path / 'run'}",
+            "~callbacks.progress_bar",
+            *overrides,
+        ],
+    )
 
 
 @pytest.mark.skipif(not FMNIST.exists(), reason="needs `apt-get install dataset-fashion-mnist`")
@@ -352,8 +342,18 @@ def test_resume_of_gkl_at_with_awp_ema_and_prior_after_a_crash_mid_epoch_is_exac
         "trainer.max_epochs=3",
         "callbacks.mid_epoch_checkpoint.every_n_train_steps=12",
     ]
-    reference = run(compose_cfg(tmp_path / "a", overrides))
+    released = tmp_path / "a" / "released.pth"
+    reference = run(compose_cfg(tmp_path / "a", [*overrides, f"export_weights={released}"]))
     assert set(reference) >= {"val/acc", "val/pgd_acc", "test/acc", "test/loss"}
+    # export_weights releases the EMA, not the last trained weights.
+    final = torch.load(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    exported = torch.load(released, weights_only=True)["model"]
+    for key, value in exported.items():
+        assert torch.equal(value, final["state_dict"][f"ema_model.model.{key}"]), key
+    assert any(
+        not torch.equal(value, final["state_dict"][f"model.model.{key}"])
+        for key, value in exported.items()
+    )
 
     # 8 batches an epoch: the run dies at step 14 (epoch 2 of 3, AWP on); its newest checkpoint
     # is the mid-epoch one written at step 12.

@@ -104,9 +104,15 @@ def test_parse_eps_warns_near_but_not_at_k_over_255():
     expected = "eps=0.031 differs from 8/255=0.031373; write eps: 8/255 if that is what you meant"
     with pytest.warns(UserWarning, match=re.escape(expected)):
         assert parse_eps(0.031) == 0.031
+    # k/255 rounded or truncated to 3-4 decimals: 0.0314 / 0.0313 (8), 0.016 / 0.0157 (4).
+    for value, k in [(0.0314, 8), (0.0313, 8), (0.016, 4), (0.0157, 4), (0.0627, 16)]:
+        with pytest.warns(UserWarning, match=f"differs from {k}/255"):
+            parse_eps(value)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         parse_eps(0.03)  # 1.4e-3 from 8/255: deliberate, no warning
+        for value in (0.05, 0.02, 0.1, 0.15, 0.3, 0.0312):  # round values, or no k/255 nearby
+            parse_eps(value)
         parse_eps(torch.tensor(8 / 255).item())  # float32 round-off of 8/255 is 8/255
         parse_eps(0.25, norm="L2")  # L2 budgets are not in k/255 units
 

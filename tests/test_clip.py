@@ -7,11 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
+from gkl.config import compose_config
 from gkl.models import FrozenTeacher
 from gkl.models import clip as clip_module
 from gkl.models.classnames import (
@@ -29,7 +26,7 @@ from gkl.models.clip import (
     create_clip,
     encode_class_texts,
 )
-from gkl.train import CONFIG_DIR, run
+from gkl.train import run
 
 SMALL = "ViT-S-32-alt"  # a small open_clip CLIP: 384-wide image tower, 256-wide text tower
 TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}."]
@@ -37,22 +34,15 @@ TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}."]
 
 def compose_cfg(tmp_path: Path, overrides: list[str]):
     """Compose conf/train.yaml as `python train.py <overrides>` would, writing under tmp_path."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "train.yaml",
-            overrides=[
-                f"paths.root_dir={tmp_path}",
-                f"paths.output_dir={tmp_path / 'run'}",
-                "~callbacks.progress_bar",
-                *overrides,
-            ],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return compose_config(
+        "train.yaml",
+        [
+            f"paths.root_dir={tmp_path}",
+            f"paths.output_dir={tmp_path / 'run'}",
+            "~callbacks.progress_bar",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
+from gkl.config import compose_config
 from gkl.evaluate import autoattack_runner, validate_model_card
 from gkl.evaluate.run import RESULTS_FILE, SMOKE_RESULTS_FILE, checkpoint_prefix, load_model, run
 from gkl.models import create_model
@@ -68,22 +65,15 @@ def save_network(path: Path, name: str = "fmnist_mlp", seed: int = 0) -> Path:
 
 def compose_eval(tmp_path: Path, overrides: list[str]):
     """Compose conf/eval.yaml as `python eval.py <overrides>` would, writing under tmp_path."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "eval.yaml",
-            overrides=[
-                f"paths.root_dir={tmp_path}",
-                f"paths.output_dir={tmp_path / 'run'}",
-                "data.num_workers=0",
-                *overrides,
-            ],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return compose_config(
+        "eval.yaml",
+        [
+            f"paths.root_dir={tmp_path}",
+            f"paths.output_dir={tmp_path / 'run'}",
+            "data.num_workers=0",
+            *overrides,
+        ],
+    )
 
 
 def cheap(checkpoint: Path, n: int = 24) -> list[str]:

@@ -9,14 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
-from omegaconf import open_dict
 
 import gkl.train
+from gkl.config import compose_config
 from gkl.data.base import EpochSampler
 from gkl.losses import ClassPrior
 from gkl.models import FrozenTeacher, create_model
@@ -34,22 +31,15 @@ SMALL_KD = ["teacher.name=resnet8", "model.name=resnet8", "data.batch_size=8"]
 
 def compose_cfg(tmp_path: Path, overrides: list[str]):
     """Compose conf/train.yaml as `python train.py <overrides>` would, writing under tmp_path."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "train.yaml",
-            overrides=[
-                f"paths.root_dir={tmp_path}",
-                f"paths.output_dir={tmp_path / 'run'}",
-                "~callbacks.progress_bar",
-                *overrides,
-            ],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return compose_config(
+        "train.yaml",
+        [
+            f"paths.root_dir={tmp_path}",
+            f"paths.output_dir={tmp_path / 'run'}",
+            "~callbacks.progress_bar",
+            *overrides,
+        ],
+    )
 
 
 def train_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

@@ -9,12 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import open_dict
 
+from gkl.config import compose_config
 from gkl.models import create_model
 from gkl.train import (
     CONFIG_DIR,
@@ -36,22 +33,15 @@ needs_fmnist = pytest.mark.skipif(
 
 def compose_cfg(tmp_path: Path, overrides: list[str]):
     """Compose conf/train.yaml as `python train.py <overrides>` would, writing under tmp_path."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "train.yaml",
-            overrides=[
-                f"paths.root_dir={tmp_path}",
-                f"paths.output_dir={tmp_path / 'run'}",
-                "~callbacks.progress_bar",
-                *overrides,
-            ],
-            return_hydra_config=True,
-        )
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
+    return compose_config(
+        "train.yaml",
+        [
+            f"paths.root_dir={tmp_path}",
+            f"paths.output_dir={tmp_path / 'run'}",
+            "~callbacks.progress_bar",
+            *overrides,
+        ],
+    )
 
 
 def save_random_teacher(path: Path, name: str = "fmnist_cnn", num_classes: int = 10) -> Path:

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _INT = re.compile(r"^[+-]?\d+$")
-_NEAR_K255 = 1e-3  # warn when eps is this close to some k/255 without being equal to it
 _SAME = 1e-6  # tolerance for "equal": float32 round-off of k/255 (<= 6e-8) counts as equal
 _NEAR_MESSAGE = r".* differs from \d+/255="
 
@@ -47,12 +46,34 @@ def as_k_over_255(value: float) -> int | None:
     return k if abs(value - k / 255) <= _SAME else None
 
 
+def _abbreviates_k_over_255(value: float) -> int | None:
+    """k if ``value`` is k/255 rounded or truncated to its 3 or more decimals (``0.031``,
+    ``0.0313``, ``0.016``), else ``None``. Round numbers with 1-2 decimals (0.05, 0.1) are meant
+    as written."""
+    text = repr(value)
+    if "e" in text or "." not in text:
+        return None
+    decimals = len(text.split(".")[1])
+    if decimals < 3:
+        return None
+    k = round(value * 255)
+    if k == 0 or as_k_over_255(value) is not None:
+        return None
+    scale = 10**decimals
+    exact = k / 255
+    if value in (round(exact, decimals), math.floor(exact * scale) / scale):
+        return k
+    return None
+
+
 def parse_eps(value: float | int | str, *, norm: str = "Linf", name: str = "eps") -> float:
     """Parse a perturbation budget; for ``norm="Linf"`` it is in [0, 1] pixel units.
 
     Integers >= 1 (``8``) are taken as 0-255 units and rejected ("write 8/255"). For Linf, values
-    > 1 are rejected and values within 1e-3 of some k/255 but not equal to it (``0.031`` vs
-    ``8/255 = 0.031373``) raise a ``UserWarning``. L2/L1 budgets are only checked to be >= 0.
+    > 1 are rejected, and a decimal that abbreviates some k/255 (``0.031`` for
+    ``8/255 = 0.031373``: k/255 rounded or truncated to 3 or more decimals) raises a
+    ``UserWarning``; round values such as 0.05 or 0.1 do not. L2/L1 budgets are only checked
+    to be >= 0.
     """
     number = parse_number(value, name)
     is_integer = isinstance(value, int) or (isinstance(value, str) and _INT.match(value.strip()))
@@ -67,8 +88,8 @@ def parse_eps(value: float | int | str, *, norm: str = "Linf", name: str = "eps"
         raise ValueError(
             f"{name}={value!r}: eps is in [0,1] pixel units; did you mean {number:g}/255?"
         )
-    k = round(number * 255)
-    if as_k_over_255(number) is None and abs(number - k / 255) <= _NEAR_K255:
+    k = _abbreviates_k_over_255(number)
+    if k is not None:
         warnings.warn(
             f"{name}={number:g} differs from {k}/255={k / 255:.6f}; "
             f"write {name}: {k}/255 if that is what you meant",

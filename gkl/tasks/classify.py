@@ -41,6 +41,11 @@ class ClassificationTask(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    @property
+    def export_model(self) -> nn.Module:
+        """The network that ``train.py``'s ``export_weights`` saves: the trained model."""
+        return self.model
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         x, y = batch
         logits = self.model(x)
