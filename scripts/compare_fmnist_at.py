@@ -61,6 +61,12 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
     if result_file.exists():
         return json.loads(result_file.read_text())
     ckpt = run_dir / "checkpoints" / "last.ckpt"
+    trained_steps = json.loads((run_dir / "metrics.json").read_text())["global_step"]
+    saved_steps = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    if saved_steps != trained_steps:
+        raise RuntimeError(
+            f"{ckpt} holds step {saved_steps}, not the last one ({trained_steps}); train again"
+        )
     cfg = compose_config(
         "eval.yaml",
         [

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import pickle
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 from gkl.config import compose_config
-from gkl.evaluate import autoattack_runner, validate_model_card
+from gkl.evaluate import autoattack_compat, autoattack_runner, validate_model_card
 from gkl.evaluate.run import RESULTS_FILE, SMOKE_RESULTS_FILE, checkpoint_prefix, load_model, run
 from gkl.models import create_model
 from gkl.train import CONFIG_DIR
@@ -158,9 +160,11 @@ def test_second_run_with_the_same_state_path_resumes_without_attacking(tmp_path,
 
 
 def robustbench_importable() -> bool:
-    """True when robustbench 1.1 and its dependencies import (an empty namespace does not count)."""
+    """True when robustbench 1.1 and its dependencies import (an empty namespace does not count),
+    with gkl's ``autoattack`` -> pyautoattack shim in place as the backend uses it."""
     try:
-        import robustbench.eval  # noqa: F401
+        with autoattack_compat.installed():
+            import robustbench.eval  # noqa: F401
     except Exception:
         return False
     return True
@@ -180,6 +184,61 @@ def test_robustbench_backend(tmp_path):
     assert record["backend"] == "robustbench" and record["autoattack_version"] == "standard"
     assert record["clean_acc"] == reference["clean_acc"]
     assert record["autoattack_acc"] <= record["clean_acc"]
+
+
+def fake_robustbench_zoo(monkeypatch, calls: list[dict], network) -> None:
+    """A stand-in for robustbench's utils/model_zoo modules: one cifar10 Linf model whose
+    load_model records its arguments and returns ``network()`` in training mode."""
+    enums = types.ModuleType("robustbench.model_zoo.enums")
+    enums.BenchmarkDataset = enum.Enum("BenchmarkDataset", {"cifar_10": "cifar10"})
+    enums.ThreatModel = enum.Enum("ThreatModel", {"Linf": "Linf", "L2": "L2"})
+    zoo = types.ModuleType("robustbench.model_zoo")
+    zoo.model_dicts = {
+        enums.BenchmarkDataset("cifar10"): {
+            enums.ThreatModel("Linf"): {"Tiny2026Zoo": {}},
+            enums.ThreatModel("L2"): {},
+        }
+    }
+    utils = types.ModuleType("robustbench.utils")
+
+    def load_model(**kwargs):
+        calls.append(kwargs)
+        return network().train()
+
+    utils.load_model = load_model
+    for name, module in [("model_zoo.enums", enums), ("model_zoo", zoo), ("utils", utils)]:
+        monkeypatch.setitem(sys.modules, f"robustbench.{name}", module)
+
+
+def test_robustbench_zoo_model_is_loaded_by_name(tmp_path, monkeypatch):
+    checkpoint = save_network(tmp_path / "net.pth")
+    settings = [*cheap(checkpoint, n=16)[1:], "data.synthetic=true"]
+    reference_cfg = compose_eval(tmp_path, [*settings, f"ckpt_path={checkpoint}"])
+    # The zoo serves the same network, normalisation included (as RobustBench's models do).
+    served = load_model(reference_cfg.model, checkpoint)
+    calls: list[dict] = []
+    fake_robustbench_zoo(monkeypatch, calls, lambda: served)
+    record = run(compose_eval(tmp_path, [*settings, "robustbench_model=Tiny2026Zoo"]))
+    assert calls == [
+        {
+            "model_name": "Tiny2026Zoo",
+            "model_dir": str(tmp_path / "models"),
+            "dataset": "cifar10",
+            "threat_model": "Linf",
+        }
+    ]
+    assert record["robustbench_model"] == "Tiny2026Zoo" and record["checkpoint"] is None
+    assert record["architecture"] == "Tiny2026Zoo"
+    reference = run(compose_eval(tmp_path, [*settings, f"ckpt_path={checkpoint}"]))
+    for key in ("clean_acc", "pgd_acc", "autoattack_acc"):
+        assert record[key] == reference[key], key
+
+    with pytest.raises(ValueError, match=r"unknown RobustBench model 'Nope'.*Tiny2026Zoo"):
+        run(compose_eval(tmp_path, [*settings, "robustbench_model=Nope"]))
+    with pytest.raises(ValueError, match="exactly one of ckpt_path"):
+        run(compose_eval(tmp_path, settings))
+    with pytest.raises(ValueError, match="exactly one of ckpt_path"):
+        run(compose_eval(tmp_path, [*settings, f"ckpt_path={checkpoint}", "robustbench_model=X"]))
 
 
 def test_synthetic_data_is_marked_and_gets_no_model_card(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from torch.utils.data import DistributedSampler
 
 import gkl.train
 from gkl.config import compose_config
@@ -42,14 +42,15 @@ def compose_cfg(tmp_path: Path, overrides: list[str]):
     )
 
 
-def train_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def train_cli(tmp_path: Path, *args: str, progress_bar: bool = False):
+    """``python train.py <args>`` under tmp_path (without the progress bar unless asked)."""
     result = subprocess.run(
         [
             sys.executable,
             "train.py",
             *args,
             f"paths.root_dir={tmp_path}",
-            "~callbacks.progress_bar",
+            *([] if progress_bar else ["~callbacks.progress_bar"]),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -88,7 +89,10 @@ def test_ddp_check_counts_processes():
 
 
 def test_ddp_with_two_cpu_processes_gives_the_single_process_class_prior(tmp_path):
-    """The prior's sums are all-reduced: same data in one epoch -> the same prior (float64)."""
+    """The prior's sums are all-reduced: same data in one epoch -> the same prior (float64).
+
+    With the default progress bar, which on rank 0 alone computes the epoch's train metrics
+    just before the prior's all-reduce (a synchronised train metric there used to hang)."""
     overrides = [
         "+experiment=fmnist_kd",
         "loss.use_class_prior=true",
@@ -108,8 +112,8 @@ def test_ddp_with_two_cpu_processes_gives_the_single_process_class_prior(tmp_pat
         "trainer=ddp",
         "trainer.devices=2",
         "trainer.accelerator=cpu",
-        "+trainer.enable_progress_bar=false",
         f"hydra.run.dir={tmp_path / 'ddp'}",
+        progress_bar=True,
     )
     single = torch.load(tmp_path / "single/run/checkpoints/last.ckpt", weights_only=True)
     ddp = torch.load(tmp_path / "ddp/checkpoints/last.ckpt", weights_only=True)
@@ -127,26 +131,31 @@ def test_ddp_ignores_only_the_class_prior_sums():
     assert task._ddp_params_and_buffers_to_ignore == ["class_prior.sums"]
 
 
-def test_epoch_sampler_is_sharded_by_lightnings_distributed_wrapper():
+def test_epoch_sampler_shards_the_epoch_order_over_processes():
     sampler = EpochSampler(10, seed=0)
-    shards = []
-    for rank in range(2):
-        wrapper = DistributedSamplerWrapper(sampler, num_replicas=2, rank=rank, shuffle=False)
-        wrapper.set_epoch(3)  # forwarded to EpochSampler.set_epoch
-        shards.append(list(wrapper))
     sampler.set_epoch(3)
     order = list(sampler)
-    assert shards == [order[0::2], order[1::2]]
+    assert sorted(order) == list(range(10))
+    padded = order + order[:2]  # 4 processes: 12 positions, the first 2 served twice
+    shards = []
+    for rank in range(4):
+        shard = EpochSampler(10, seed=0, num_replicas=4, rank=rank)
+        shard.set_epoch(3)
+        shards.append(list(shard))
+        assert len(shard) == 3
+        # Lightning leaves a DistributedSampler alone instead of wrapping it a second time.
+        assert isinstance(shard, DistributedSampler)
+    assert shards == [padded[rank::4] for rank in range(4)]
 
 
-@pytest.mark.xfail(
-    strict=True, raises=IndexError, reason="EpochSampler.resume is not DDP-aware (docs/scale.md)"
-)
-def test_mid_epoch_resume_under_ddp():
-    sampler = EpochSampler(10, seed=0)
-    wrapper = DistributedSamplerWrapper(sampler, num_replicas=2, rank=0, shuffle=False)
-    sampler.resume(0, samples_done=4)
-    list(wrapper)
+def test_mid_epoch_resume_under_ddp_skips_each_processes_trained_samples():
+    for rank in range(2):
+        full = EpochSampler(11, seed=5, num_replicas=2, rank=rank)
+        full.set_epoch(2)
+        resumed = EpochSampler(11, seed=5, num_replicas=2, rank=rank)
+        resumed.resume(2, samples_done=4)  # 2 batches of 2 per process already trained
+        assert list(resumed) == list(full)[4:]
+        assert list(resumed) == list(full)  # the skip applies to the resumed epoch only
 
 
 # ----------------------------------------------------------------------------- speed switches

@@ -104,8 +104,11 @@ def fmnist_kd_overrides(tmp_path: Path, epochs: int = 3) -> list[str]:
 
 @needs_fmnist
 def test_resume_after_a_crash_mid_epoch_is_exact(tmp_path):
-    overrides = fmnist_kd_overrides(tmp_path)
+    # mode=min makes an early epoch the "best": last.ckpt must still be the final epoch.
+    overrides = [*fmnist_kd_overrides(tmp_path), "callbacks.model_checkpoint.mode=min"]
     reference = run(compose_cfg(tmp_path / "a", overrides))
+    final = torch.load(tmp_path / "a/run/checkpoints/last.ckpt", weights_only=True)
+    assert (final["epoch"], final["global_step"]) == (2, 60)
 
     # The run dies at step 33 (epoch 2 of 3, 20 batches an epoch); its newest checkpoint is
     # the mid-epoch one written at step 25.
@@ -120,6 +123,9 @@ def test_resume_after_a_crash_mid_epoch_is_exact(tmp_path):
     assert resumed["test/acc"] == reference["test/acc"]
     assert resumed["test/loss"] == reference["test/loss"]
     assert resumed["val/acc"] == reference["val/acc"]
+    resumed_final = torch.load(tmp_path / "b/run/checkpoints/last.ckpt", weights_only=True)
+    for key, value in final["state_dict"].items():
+        assert torch.equal(resumed_final["state_dict"][key], value), key
 
 
 @needs_fmnist

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from gkl.data.datasets import BatchTransform, ImageTensorDataset
 
@@ -23,35 +23,38 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
     return perm[val_size:], perm[:val_size]
 
 
-class EpochSampler(Sampler[int]):
-    """Random order drawn from ``(seed, epoch)`` alone, resumable part-way through an epoch.
+class EpochSampler(DistributedSampler):
+    """Random order drawn from ``(seed, epoch)`` alone, sharded over ``num_replicas`` processes
+    and resumable part-way through an epoch.
 
     Lightning calls :meth:`set_epoch` at each epoch start, so the order never depends on how many
     epochs this process has run: a resumed run sees the same batches as an uninterrupted one.
+    Process ``rank`` takes positions ``rank, rank + num_replicas, ...`` of the epoch's order,
+    padded with its first positions to a multiple of ``num_replicas`` (as
+    :class:`~torch.utils.data.DistributedSampler`, of which this is a subclass so that Lightning
+    does not wrap it again). With one process the order is the whole permutation.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.size = size
         self._resume: tuple[int, int] | None = None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def resume(self, epoch: int, samples_done: int) -> None:
-        """Skip the first ``samples_done`` samples the next time ``epoch`` is iterated."""
+        """Skip this process's first ``samples_done`` samples the next time ``epoch`` is
+        iterated."""
         self.epoch, self._resume = epoch, (epoch, samples_done)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator).tolist()
+        order += order[: self.total_size - self.size]  # pad to a multiple of num_replicas
+        shard = order[self.rank : self.total_size : self.num_replicas]
         start = 0
         if self._resume is not None and self._resume[0] == self.epoch:
             start = self._resume[1]
         self._resume = None
-        return iter(order[start:])
-
-    def __len__(self) -> int:
-        return self.size
+        return iter(shard[start:])
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -180,14 +183,17 @@ class ImageDataModule(pl.LightningDataModule):
         return dataset
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training loader; the order of each epoch follows ``(seed, epoch)``.
+        """Shuffled training loader; the order of each epoch follows ``(seed, epoch)``, sharded over
+        the trainer's processes under DDP.
 
         After a restore from a checkpoint taken mid-epoch, the batches already trained on are
         skipped, so the run continues exactly (with ``num_workers=0``; worker processes draw their
         own augmentation seeds).
         """
         train_set = self._require(self.train_set, "train_set")
-        sampler = EpochSampler(len(train_set), self.seed)
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        sampler = EpochSampler(len(train_set), self.seed, replicas, rank)
         if self._resume_position is not None:
             epoch, batches_done = self._resume_position
             sampler.resume(epoch, batches_done * self.batch_size)

@@ -1,4 +1,5 @@
-"""Run ``robustbench.eval.benchmark`` (robustbench 1.1, optional) on pyautoattack.
+"""Run ``robustbench.eval.benchmark`` (robustbench 1.1, optional) on pyautoattack, and load
+RobustBench zoo models by name.
 
 Install robustbench with ``scripts/install_robustbench.sh``. Its ``aa_state_path`` resume is not
 exposed: robustbench 1.1 reads the state back with ``EvaluationState.from_disk`` and calls
@@ -19,6 +20,48 @@ from torch import Tensor, nn
 from gkl.attacks import parse_eps
 from gkl.evaluate import autoattack_compat
 from gkl.evaluate.protocol import check_eval_mode, check_protocol, model_device
+
+
+def _import_robustbench(module: str):
+    """``robustbench.<module>``, imported with the ``autoattack`` -> pyautoattack shim in place."""
+    with autoattack_compat.installed():
+        try:
+            return importlib.import_module(f"robustbench.{module}")
+        except ModuleNotFoundError as error:
+            raise ModuleNotFoundError(
+                f"robustbench unavailable ({error}); run scripts/install_robustbench.sh"
+            ) from error
+
+
+def load_zoo_model(
+    name: str, *, dataset: str = "cifar10", threat_model: str = "Linf", model_dir: str = "models"
+) -> nn.Module:
+    """RobustBench zoo model ``name`` (e.g. ``Carmon2019Unlabeled``) in eval mode, downloaded
+    to ``model_dir`` by ``robustbench.utils.load_model`` on first use (needs the internet).
+
+    Zoo models take [0, 1] inputs and normalise inside, as gkl's models do. An unknown name
+    raises a ``ValueError`` listing some valid names.
+    """
+    utils = _import_robustbench("utils")
+    zoo = _import_robustbench("model_zoo").model_dicts
+    enums = _import_robustbench("model_zoo.enums")
+    try:
+        known = zoo[enums.BenchmarkDataset(dataset)][enums.ThreatModel(threat_model)]
+    except (KeyError, ValueError):
+        raise ValueError(
+            f"RobustBench has no {dataset!r} / {threat_model!r} leaderboard; datasets: "
+            f"{[d.value for d in enums.BenchmarkDataset]}, threat models: "
+            f"{[t.value for t in enums.ThreatModel]}"
+        ) from None
+    if name not in known:
+        raise ValueError(
+            f"unknown RobustBench model {name!r} for {dataset}/{threat_model}; "
+            f"{len(known)} names, e.g. {sorted(known)[:5]} (robustbench.model_zoo)"
+        )
+    model = utils.load_model(
+        model_name=name, model_dir=model_dir, dataset=dataset, threat_model=threat_model
+    )
+    return model.eval()
 
 
 def robustbench_benchmark(
@@ -47,12 +90,7 @@ def robustbench_benchmark(
         raise ValueError("give both x_test and y_test, or neither")
     with ExitStack() as stack:
         stack.enter_context(autoattack_compat.installed())
-        try:
-            rb_eval = importlib.import_module("robustbench.eval")
-        except ModuleNotFoundError as error:
-            raise ModuleNotFoundError(
-                f"robustbench backend unavailable ({error}); run scripts/install_robustbench.sh"
-            ) from error
+        rb_eval = _import_robustbench("eval")
         adversary = partial(autoattack_compat.AutoAttack, seed=seed)
         stack.enter_context(mock.patch.object(rb_eval, "AutoAttack", adversary))
         if x_test is not None:

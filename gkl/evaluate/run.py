@@ -107,6 +107,13 @@ def test_tensors(datamodule, n_examples: int) -> tuple[Tensor, Tensor]:
     return x, y
 
 
+def architecture_name(cfg: DictConfig) -> str | None:
+    """The evaluated network's name: the RobustBench zoo name, else ``model.name``."""
+    if cfg.get("robustbench_model"):
+        return cfg.robustbench_model
+    return cfg.model.name if OmegaConf.select(cfg, "model.name") != "???" else None
+
+
 def build_card(
     cfg: DictConfig, dataset: str, eps: float, clean: float, robust: float, footnote: str
 ) -> dict[str, Any]:
@@ -116,7 +123,7 @@ def build_card(
         name=card.name,
         link=card.link,
         authors=card.authors,
-        architecture=card.architecture or cfg.model.get("name"),
+        architecture=card.architecture or architecture_name(cfg),
         venue=card.venue,
         dataset=dataset,
         eps=eps,
@@ -175,6 +182,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.backend not in BACKENDS:
         raise ValueError(f"unknown backend {cfg.backend!r}; valid choices: {list(BACKENDS)}")
     eps = parse_eps(cfg.eps, norm=cfg.norm)  # rejects 8, warns about 0.031 before any work
+    zoo_name = cfg.get("robustbench_model")
+    if (cfg.get("ckpt_path") is None) == (zoo_name is None):
+        raise ValueError(
+            "give exactly one of ckpt_path=<checkpoint of model.name> and "
+            "robustbench_model=<RobustBench zoo name, e.g. Carmon2019Unlabeled>"
+        )
     datamodule = build_datamodule(cfg.data)
     dataset = dataset_name(datamodule)
     synthetic = bool(getattr(datamodule, "is_synthetic", False))
@@ -199,13 +212,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.state_path:
         Path(cfg.state_path).parent.mkdir(parents=True, exist_ok=True)
-    model = load_model(cfg.model, cfg.ckpt_path, cfg.weights)
+    if zoo_name is not None:
+        from gkl.evaluate.robustbench_backend import load_zoo_model
+
+        model = load_zoo_model(
+            zoo_name, dataset=dataset, threat_model=cfg.norm, model_dir=cfg.robustbench_model_dir
+        )
+    else:
+        model = load_model(cfg.model, cfg.ckpt_path, cfg.weights)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     x, y = test_tensors(datamodule, cfg.n_examples)
     log.info(
         "evaluating %s on %d %s test images, %s eps=%s",
-        cfg.ckpt_path,
+        cfg.ckpt_path or f"RobustBench model {zoo_name}",
         len(y),
         dataset,
         cfg.norm,
@@ -233,17 +253,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         result = _robustbench(cfg, model, x, y, eps, dataset, device)
     result["eps"] = eps_to_fraction_string(eps, cfg.norm)
     result["eps_value"] = eps
-    ckpt = Path(cfg.ckpt_path).expanduser()
+    if zoo_name is None:
+        ckpt = Path(cfg.ckpt_path).expanduser()
+        source = {
+            "checkpoint": str(ckpt.resolve()),
+            "checkpoint_sha256": _sha256(ckpt),
+            "weights": checkpoint_prefix(ckpt, cfg.weights) or "network",
+        }
+    else:
+        source = {"checkpoint": None, "checkpoint_sha256": None, "robustbench_model": zoo_name}
     record: dict[str, Any] = {
         "dataset": dataset,
         "threat_model": cfg.norm,
         **result,
         "backend": cfg.backend,
         "attacks": attacks,
-        "checkpoint": str(ckpt.resolve()),
-        "checkpoint_sha256": _sha256(ckpt),
-        "weights": checkpoint_prefix(ckpt, cfg.weights) or "network",
-        "architecture": cfg.model.get("name"),
+        **source,
+        "architecture": architecture_name(cfg),
         "seed": cfg.seed,
         "model_card": None,
     }

@@ -34,7 +34,6 @@ class ClassificationTask(pl.LightningModule):
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
@@ -60,11 +59,16 @@ class ClassificationTask(pl.LightningModule):
         y: torch.Tensor,
         parts: dict[str, torch.Tensor],
     ) -> None:
-        self.train_acc(logits.detach(), y)
-        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        # Rank-local epoch means (batch-size weighted), no collective: under DDP, rank 0's
+        # progress bar computes epoch metrics before the other ranks, so a synchronised metric
+        # here would pair with a different collective (the class prior's all-reduce) and hang.
+        batch_size = len(y)
+        accuracy = (logits.detach().argmax(dim=1) == y).float().mean()
+        epoch_mean = {"on_step": False, "on_epoch": True, "batch_size": batch_size}
+        self.log("train/loss", loss.detach(), prog_bar=True, **epoch_mean)
+        self.log("train/acc", accuracy, prog_bar=True, **epoch_mean)
         for name, value in parts.items():
-            self.log(f"train/{name}", value.detach(), on_step=False, on_epoch=True)
+            self.log(f"train/{name}", value.detach(), **epoch_mean)
 
     def _evaluate(self, batch, metric: MulticlassAccuracy, stage: str) -> None:
         x, y = batch
