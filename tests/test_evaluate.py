@@ -404,9 +404,11 @@ def test_validate_model_card_missing_field_and_write_errors(tmp_path):
 
 
 def robustbench_importable() -> bool:
-    """True when robustbench 1.1 and its dependencies import (an empty namespace does not count)."""
+    """True when robustbench 1.1 and its dependencies import (an empty namespace does not count),
+    with gkl's ``autoattack`` -> pyautoattack shim in place as the backend uses it."""
     try:
-        import robustbench.eval  # noqa: F401
+        with autoattack_compat.installed():
+            import robustbench.eval  # noqa: F401
     except Exception:
         return False
     return True
