@@ -21,14 +21,7 @@ from gkl.tasks.awp import add_perturbation, awp_perturbation
 from gkl.tasks.ema import update_ema
 from gkl.train import run
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small convolutions run fastest (and steadiest on busy CI cores) on one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")

@@ -10,14 +10,7 @@ from torch import nn
 
 from gkl.attacks import parse_eps, pgd, trades_perturb
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls run fastest (and steadiest on busy CI cores) on one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

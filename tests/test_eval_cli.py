@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from gkl.config import compose_config
-from gkl.evaluate import autoattack_compat, autoattack_runner, validate_model_card
+from gkl.evaluate import autoattack_runner, validate_model_card
+from gkl.evaluate.robustbench_backend import robustbench_available
 from gkl.evaluate.run import RESULTS_FILE, SMOKE_RESULTS_FILE, checkpoint_prefix, load_model, run
 from gkl.models import create_model
 from gkl.train import CONFIG_DIR
@@ -31,13 +32,7 @@ CARD = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small convolutions run fastest (and steadiest on busy CI cores) on one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fake_cifar10(root: Path, n: int = 48) -> Path:
@@ -159,19 +154,8 @@ def test_second_run_with_the_same_state_path_resumes_without_attacking(tmp_path,
     assert second["clean_acc"] == first["clean_acc"]
 
 
-def robustbench_importable() -> bool:
-    """True when robustbench 1.1 and its dependencies import (an empty namespace does not count),
-    with gkl's ``autoattack`` -> pyautoattack shim in place as the backend uses it."""
-    try:
-        with autoattack_compat.installed():
-            import robustbench.eval  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 @pytest.mark.skipif(
-    not robustbench_importable(),
+    not robustbench_available(),
     reason="robustbench (with its dependencies) not installed (scripts/install_robustbench.sh)",
 )
 @pytest.mark.filterwarnings("ignore:pkg_resources is deprecated")

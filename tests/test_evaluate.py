@@ -26,15 +26,9 @@ from gkl.evaluate import (
     write_model_card,
 )
 from gkl.evaluate.model_card import CARD_FIELDS
+from gkl.evaluate.robustbench_backend import robustbench_available
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny matmuls run fastest (and steadiest on busy CI cores) on one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -403,19 +397,8 @@ def test_validate_model_card_missing_field_and_write_errors(tmp_path):
 # ---------------------------------------------------------------- RobustBench
 
 
-def robustbench_importable() -> bool:
-    """True when robustbench 1.1 and its dependencies import (an empty namespace does not count),
-    with gkl's ``autoattack`` -> pyautoattack shim in place as the backend uses it."""
-    try:
-        with autoattack_compat.installed():
-            import robustbench.eval  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 @pytest.mark.skipif(
-    not robustbench_importable(),
+    not robustbench_available(),
     reason="robustbench (with its dependencies) not installed (scripts/install_robustbench.sh)",
 )
 @pytest.mark.filterwarnings("ignore:pkg_resources is deprecated")

@@ -33,6 +33,16 @@ def _import_robustbench(module: str):
             ) from error
 
 
+def robustbench_available() -> bool:
+    """True when robustbench 1.1 and its dependencies import (an empty namespace does not
+    count), with the ``autoattack`` -> pyautoattack shim in place as this module uses it."""
+    try:
+        _import_robustbench("eval")
+    except Exception:
+        return False
+    return True
+
+
 def load_zoo_model(
     name: str, *, dataset: str = "cifar10", threat_model: str = "Linf", model_dir: str = "models"
 ) -> nn.Module:
