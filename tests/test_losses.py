@@ -7,15 +7,20 @@ mdistiller's DKD, the TRADES code), independently of the library's implementatio
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from gkl.losses import (
-    LOSSES,
     ClassPrior,
-    build_loss,
+    CrossEntropyLoss,
+    DKDLoss,
+    DKLLoss,
+    GKLLoss,
+    KDLoss,
+    TradesKLLoss,
     dkd_loss,
     dkl_loss,
     gkl_loss,
@@ -120,6 +125,24 @@ def test_gkl_matches_bcc_definition_values_and_both_gradients(
     ref = values_and_grads(lambda a, b: reference_gkl(a, b, class_prior=rows, **kwargs), s, t)
     for got, want in zip(ours, ref, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(("batch", "classes", "gamma", "temp", "temp2", "prior"), GKL_CASES)
+def test_gkl_frozen_teacher_path_matches_bcc_definition(batch, classes, gamma, temp, temp2, prior):
+    s, t = logits_pair(batch, classes, seed=batch + classes)
+    t_frozen = t.detach()
+    rows = random_prior_rows(batch, classes) if prior else None
+    kwargs = dict(alpha=1.5, beta=8.0, gamma=gamma, temperature=temp, temperature2=temp2)
+    ours = gkl_loss(s, t_frozen, class_prior=rows, **kwargs)
+    assert type(ours.grad_fn).__name__ == "_FrozenTeacherGKLBackward"  # the fused path ran
+    ref = reference_gkl(s, t_frozen, class_prior=rows, **kwargs)
+    (grad, ref_grad) = (torch.autograd.grad(v, [s])[0] for v in (3.0 * ours, 3.0 * ref))
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=0, atol=1e-10)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-10)
+    with torch.no_grad():  # no graph: the general path, same value
+        torch.testing.assert_close(
+            gkl_loss(s, t_frozen, class_prior=rows, **kwargs), ref.detach(), rtol=0, atol=1e-10
+        )
 
 
 def test_gkl_golden_value_two_classes():
@@ -278,20 +301,18 @@ def test_trades_kl_equals_trades_code():
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
-# ----------------------------------------------------------------------------- registry
+# ----------------------------------------------------------------------------- modules
 
 
-def test_registry_builds_every_loss_with_one_calling_convention():
+def test_loss_modules_share_one_calling_convention():
     s, t = logits_pair(4, 10)
     target = torch.tensor([1, 2, 3, 4])
     prior_rows = random_prior_rows(4, 10)
-    assert set(LOSSES) == {"ce", "kd", "dkd", "dkl", "gkl", "trades_kl"}
-    for name in LOSSES:
-        loss = build_loss(name)(s, t, target, class_prior=prior_rows)
+    for module in (CrossEntropyLoss, KDLoss, DKDLoss, DKLLoss, GKLLoss, TradesKLLoss):
+        loss = module()(s, t, target, class_prior=prior_rows)
         assert loss.ndim == 0 and torch.isfinite(loss)
-    ce = build_loss("ce")(s, t, target)
-    torch.testing.assert_close(ce, F.cross_entropy(s, target))
-    gi = build_loss("gkl", beta=2.0, use_class_prior=True)
+    torch.testing.assert_close(CrossEntropyLoss()(s, t, target), F.cross_entropy(s, target))
+    gi = GKLLoss(beta=2.0, use_class_prior=True)
     torch.testing.assert_close(
         gi(s, t, target, class_prior=prior_rows),
         reference_gkl(s, t, 1.0, 2.0, 1.0, 4.0, class_prior=prior_rows),
@@ -300,9 +321,17 @@ def test_registry_builds_every_loss_with_one_calling_convention():
         gi(s, t, target)
 
 
-def test_registry_unknown_name_lists_choices():
-    with pytest.raises(ValueError, match=r"unknown loss 'gk1'.*valid names.*Did you mean 'gkl'"):
-        build_loss("gk1")
+def test_every_loss_config_instantiates_a_loss_module_by_target():
+    from hydra.utils import instantiate
+
+    from gkl.config import CONFIG_DIR, compose_config
+
+    names = sorted(path.stem for path in Path(CONFIG_DIR, "loss").glob("*.yaml"))
+    assert {"ce", "kd", "dkd", "dkl", "gkl"} <= set(names)
+    for name in names:
+        cfg = compose_config("train.yaml", [f"loss={name}"]).loss
+        assert cfg._target_.startswith("gkl.losses."), name
+        assert isinstance(instantiate(cfg), torch.nn.Module), name
 
 
 # ----------------------------------------------------------------------------- ClassPrior
@@ -435,6 +464,63 @@ BAD_INPUTS = [
     (lambda s, t: dkd_loss(s, t, torch.zeros(4)), r"target must be an integer tensor"),
     (lambda s, t: trades_kl(s, t[:2]), r"adversarial_logits and natural_logits must have"),
     (lambda s, t: dkl_loss(s, t[:, :3]), r"same shape"),
+    (
+        lambda s, t: gkl_loss(s, t, alpha=-1, beta=1, gamma=1, temperature=1),
+        r"alpha must be >= 0, got -1.*alpha=0 to switch the term off",
+    ),
+    (
+        lambda s, t: gkl_loss(s, t, alpha=1, beta=-8, gamma=1, temperature=1),
+        r"beta must be >= 0, got -8",
+    ),
+    (lambda s, t: dkl_loss(s, t, alpha=-0.5), r"alpha must be >= 0"),
+    (lambda s, t: dkl_loss(s, t, beta=-1.0), r"beta must be >= 0"),
+    (lambda s, t: dkd_loss(s, t, torch.zeros(4, dtype=torch.long), beta=-1.0), r"beta must be"),
+    (
+        lambda s, t: gkl_loss(s[:0], t[:0], alpha=1, beta=1, gamma=1, temperature=1),
+        r"student_logits is empty \(shape \(0, 10\)\).*skip empty batches",
+    ),
+    (lambda s, t: kd_loss(s[:0], t[:0]), r"student_logits is empty"),
+    (lambda s, t: kl_divergence(s[:, :0], t[:, :0]), r"empty \(shape \(4, 0\)\)"),
+    (lambda s, t: trades_kl(s[:0], t[:0]), r"adversarial_logits is empty"),
+    (lambda s, t: dkl_loss(s[:0], t[:0]), r"student_logits is empty"),
+    (
+        lambda s, t: dkd_loss(s[:0], t[:0], torch.zeros(0, dtype=torch.long)),
+        r"student_logits is empty",
+    ),
+    (
+        lambda s, t: gkl_loss(
+            s, t, alpha=1, beta=1, gamma=1, temperature=1, class_prior=torch.zeros(4, 10)
+        ),
+        r"class_prior rows \[0, 1, 2, 3\] \(of 4\) are all zero.*row-normalise",
+    ),
+    (
+        lambda s, t: gkl_loss(
+            s,
+            t,
+            alpha=1,
+            beta=1,
+            gamma=0.5,
+            temperature=1,
+            class_prior=torch.eye(4, 10).index_fill(0, torch.tensor([2]), 0.0),
+        ),
+        r"class_prior rows \[2\] \(of 4\) are all zero",
+    ),
+    (
+        lambda s, t: dkd_loss(s, t, torch.tensor([0, 1, 10, 2])),
+        r"target holds labels in \[0, 10\].*10 classes.*\[0, 9\]",
+    ),
+    (
+        lambda s, t: dkd_loss(s, t, torch.tensor([0, -1, 3, 2])),
+        r"target holds labels in \[-1, 3\]",
+    ),
+    (
+        lambda s, t: ClassPrior(10).update(s, torch.tensor([0, 1, 10, 2])),
+        r"target holds labels in \[0, 10\].*\[0, 9\]",
+    ),
+    (
+        lambda s, t: ClassPrior(10).update(s, torch.tensor([-3, 1, 2, 2], dtype=torch.int32)),
+        r"target holds labels in \[-3, 2\]",
+    ),
 ]
 
 
@@ -455,6 +541,33 @@ def test_non_finite_logits_raise_with_count_unless_opted_out():
         kd_loss(s, t)
     out = gkl_loss(s, t, alpha=1, beta=1, gamma=1, temperature=1, check_finite=False)
     assert not torch.isfinite(out)
+
+
+def test_data_dependent_checks_are_skipped_with_check_finite_false():
+    # No device synchronisation on the fast path: the label range and prior rows go unchecked.
+    s, t = logits_pair(4, 10)
+    s, t = s.detach(), t.detach()
+    out = gkl_loss(
+        s,
+        t,
+        alpha=1,
+        beta=1,
+        gamma=1,
+        temperature=1,
+        class_prior=torch.zeros(4, 10),
+        check_finite=False,
+    )
+    assert not torch.isfinite(out)  # 0 / 0: what the check above turns into a clear error
+    prior = ClassPrior(10)
+    prior.update(s, torch.tensor([0, 1, 1, 2]), check_labels=False)
+    prior.end_epoch()
+    assert prior.epochs_completed.item() == 1
+
+
+def test_class_prior_update_with_an_empty_batch_is_a_no_op():
+    prior = ClassPrior(3)
+    prior.update(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long))
+    assert prior.sums.abs().sum() == 0
 
 
 def test_class_prior_rejects_mismatched_logits():

@@ -50,20 +50,34 @@ def check_pair(
             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}; "
             "teacher and student must predict the same number of classes"
         )
+    if student_logits.numel() == 0:
+        raise ValueError(
+            f"{names[0]} is empty (shape {tuple(student_logits.shape)}): a batch-mean loss of no "
+            "samples or no classes is undefined; skip empty batches (e.g. drop_last=True or "
+            "'if len(x) == 0: continue') before calling the loss"
+        )
 
 
 def check_positive(name: str, value: float) -> None:
+    """Require ``value > 0`` (a temperature, a class count)."""
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
 def check_non_negative(name: str, value: float) -> None:
+    """Require ``value >= 0`` (a loss weight: a negative one turns the loss into a gain)."""
     if not value >= 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+        raise ValueError(
+            f"{name} must be >= 0, got {value}: a negative weight makes the loss reward the "
+            f"divergence it should reduce; use {name}=0 to switch the term off"
+        )
 
 
-def check_target(target: torch.Tensor, logits: torch.Tensor) -> None:
-    """Require integer class indices of shape (batch,) within [0, classes)."""
+def check_target(target: torch.Tensor, logits: torch.Tensor, *, check_range: bool) -> None:
+    """Require integer class indices of shape (batch,); with ``check_range`` within [0, classes).
+
+    The range check reads the labels' min and max (one device synchronisation).
+    """
     if not isinstance(target, torch.Tensor) or target.dtype not in (
         torch.int64,
         torch.int32,
@@ -77,3 +91,12 @@ def check_target(target: torch.Tensor, logits: torch.Tensor) -> None:
             f"target must have shape ({logits.shape[0]},) to match logits of shape "
             f"{tuple(logits.shape)}, got {tuple(target.shape)}"
         )
+    if check_range and target.numel():
+        low, high = torch.stack(torch.aminmax(target)).tolist()
+        classes = logits.shape[1]
+        if low < 0 or high >= classes:
+            raise ValueError(
+                f"target holds labels in [{low}, {high}] but the logits have {classes} classes, "
+                f"so labels must lie in [0, {classes - 1}]; check the data set's labels and the "
+                "model's / loss's num_classes"
+            )

@@ -29,9 +29,10 @@ def dkd_loss(
 
     TCKD: KL between the binary distributions ``[p_target, 1 - p_target]`` of teacher and student.
     NCKD: KL between the softmax over the non-target classes only (target class masked out).
+    ``check_finite=False`` skips the data-dependent checks (non-finite logits, label range).
     """
     check_pair(student_logits, teacher_logits, check_finite=check_finite)
-    check_target(target, student_logits)
+    check_target(target, student_logits, check_range=check_finite)
     check_positive("temperature", temperature)
     check_non_negative("alpha", alpha)
     check_non_negative("beta", beta)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ._validation import (
     as_float32_or_wider,
@@ -51,6 +52,41 @@ def _pairwise_wmse_sum(d: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, 
     return _PairwiseWeightedSquares.apply(d, w), w.sum(dim=1).square().sum()
 
 
+class _FrozenTeacherGKL(torch.autograd.Function):
+    """GKL for a constant teacher: value and student gradient in one forward, a scaling backward.
+
+    With ``t``, ``w`` and ``q = softmax(t / T)`` constants, ``d = t - s``, ``W_b = sum_j w_bj``,
+    ``m_b = sum_j w_bj d_bj / W_b`` and ``N = sum_b W_b^2``:
+    ``dL/ds_bj = -beta/N W_b w_bj (d_bj - m_b) + alpha/(B T) (softmax(s_b / T)_j - q_bj)``.
+    Forward saves only that (B, C) gradient; backward multiplies it by the incoming scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, s, t, w, alpha: float, beta: float, temperature: float) -> torch.Tensor:
+        batch = s.shape[0]
+        total = w.sum(dim=1, keepdim=True)
+        normaliser = total.square().sum()
+        centred = t - s
+        mean = (w * centred).sum(dim=1, keepdim=True) / total.clamp_min(torch.finfo(w.dtype).tiny)
+        centred.sub_(mean)
+        weighted_residual = w * centred
+        pairwise = 0.5 * (total.squeeze(1) * (weighted_residual * centred).sum(dim=1)).sum()
+        log_p_s = F.log_softmax(s / temperature, dim=1)
+        q = F.softmax(t / temperature, dim=1)
+        soft_ce = -(q * log_p_s).sum() / batch
+        # grad = alpha/(B T) (p_s - q) - beta/N W w (d - m), built in place in one buffer.
+        grad = log_p_s.exp_().sub_(q).mul_(alpha / (batch * temperature))
+        grad.sub_(weighted_residual.mul_(total * (beta / normaliser)))
+        ctx.save_for_backward(grad)
+        return beta * pairwise / normaliser + alpha * soft_ce
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None, None, None, None
+
+
 def _check_class_prior(class_prior: torch.Tensor, logits: torch.Tensor, check_finite: bool) -> None:
     if not isinstance(class_prior, torch.Tensor) or not class_prior.is_floating_point():
         got = class_prior.dtype if isinstance(class_prior, torch.Tensor) else type(class_prior)
@@ -67,6 +103,13 @@ def _check_class_prior(class_prior: torch.Tensor, logits: torch.Tensor, check_fi
         bad = (~torch.isfinite(class_prior)).sum().item()
         if bad:
             raise ValueError(f"class_prior has {bad} non-finite entries")
+        empty = (class_prior.sum(dim=1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"class_prior rows {empty[:10]} (of {class_prior.shape[0]}) are all zero: a row "
+                "must be a distribution over classes. Pass ClassPrior.rows(target) (its rows "
+                "start uniform and stay normalised) or row-normalise the matrix you pass"
+            )
 
 
 def gkl_loss(
@@ -90,12 +133,15 @@ def gkl_loss(
       gradients flow into both s and t (asymmetry broken).
     - ``soft_CE = mean_b( -sg(softmax(t_b / T)) . log_softmax(s_b / T) )`` (no T^2 factor).
 
-    ``check_finite=False`` skips the data-dependent checks (non-finite logits, negative prior),
-    which synchronise with the device.
+    When only the student needs gradients (a frozen teacher) the loss takes a fused path with the
+    same value and gradient. ``check_finite=False`` skips the data-dependent checks (non-finite
+    logits, negative or all-zero prior rows), which synchronise with the device.
     """
     check_pair(student_logits, teacher_logits, check_finite=check_finite)
     check_positive("temperature", temperature)
     check_positive("temperature2", temperature2)
+    check_non_negative("alpha", alpha)
+    check_non_negative("beta", beta)
     check_non_negative("gamma", gamma)
     s = as_float32_or_wider(student_logits)
     t = as_float32_or_wider(teacher_logits)
@@ -106,6 +152,8 @@ def gkl_loss(
             _check_class_prior(class_prior, s, check_finite)
             p = class_prior.to(s.dtype)
         w = p if gamma == 1 else p.pow(gamma)
+    if not t.requires_grad and s.requires_grad and torch.is_grad_enabled():
+        return _FrozenTeacherGKL.apply(s, t, w, float(alpha), float(beta), float(temperature))
     pairwise, normaliser = _pairwise_wmse_sum(t - s, w)
     wmse = pairwise / normaliser
     return beta * wmse + alpha * soft_cross_entropy(s, t, temperature=temperature)
@@ -130,6 +178,8 @@ def dkl_loss(
     """
     check_pair(student_logits, teacher_logits, check_finite=check_finite)
     check_positive("temperature", temperature)
+    check_non_negative("alpha", alpha)
+    check_non_negative("beta", beta)
     s = as_float32_or_wider(student_logits) / temperature
     t = as_float32_or_wider(teacher_logits) / temperature
     with torch.no_grad():

@@ -39,14 +39,19 @@ class ClassPrior(nn.Module):
         self.register_buffer("epochs_completed", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        """Add ``softmax(logits / T2)`` of each sample to the row of its true class."""
+    def update(
+        self, logits: torch.Tensor, target: torch.Tensor, *, check_labels: bool = True
+    ) -> None:
+        """Add ``softmax(logits / T2)`` of each sample to the row of its true class.
+
+        ``check_labels=False`` skips the label range check (one device synchronisation).
+        """
         check_logits("logits", logits, check_finite=False)
-        check_target(target, logits)
         if logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"logits have {logits.shape[1]} classes but the ClassPrior has {self.num_classes}"
             )
+        check_target(target, logits, check_range=check_labels)
         probs = F.softmax(logits.detach().to(self.sums.dtype) / self.temperature, dim=1)
         self.sums.index_add_(0, target.long(), probs)
 

@@ -1,13 +1,10 @@
-"""Loss modules with one calling convention, and a registry so configs can select them by name.
+"""Loss modules with one calling convention; configs choose one by ``_target_`` (conf/loss/).
 
 Every module is called as ``loss(student_logits, teacher_logits, target, class_prior=None)``;
 ``teacher_logits`` are the teacher's (distillation) or the natural branch's (adversarial training).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-from difflib import get_close_matches
 
 import torch
 import torch.nn.functional as F
@@ -115,29 +112,3 @@ class TradesKLLoss(nn.Module):
 
     def forward(self, student_logits, teacher_logits, target, class_prior=None) -> torch.Tensor:
         return trades_kl(student_logits, teacher_logits)
-
-
-LOSSES: dict[str, Callable[..., nn.Module]] = {
-    "ce": CrossEntropyLoss,
-    "kd": KDLoss,
-    "dkd": DKDLoss,
-    "dkl": DKLLoss,
-    "gkl": GKLLoss,
-    "trades_kl": TradesKLLoss,
-}
-
-
-def register_loss(name: str, factory: Callable[..., nn.Module]) -> None:
-    """Make ``factory`` selectable as ``build_loss(name, ...)``."""
-    if name in LOSSES:
-        raise ValueError(f"loss {name!r} is already registered")
-    LOSSES[name] = factory
-
-
-def build_loss(name: str, **kwargs) -> nn.Module:
-    """Instantiate a registered loss by name, e.g. ``build_loss("gkl", beta=8.0)``."""
-    if name not in LOSSES:
-        hint = get_close_matches(name, LOSSES, n=1)
-        did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
-        raise ValueError(f"unknown loss {name!r}; valid names: {sorted(LOSSES)}.{did_you_mean}")
-    return LOSSES[name](**kwargs)
