@@ -52,13 +52,20 @@ def _pairwise_wmse_sum(d: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, 
     return _PairwiseWeightedSquares.apply(d, w), w.sum(dim=1).square().sum()
 
 
-class _FrozenTeacherGKL(torch.autograd.Function):
-    """GKL for a constant teacher: value and student gradient in one forward, a scaling backward.
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_j a_bj b_bj`` as a (B, 1) column, without a (B, C) temporary."""
+    return torch.linalg.vecdot(a, b, dim=1).unsqueeze(1)
 
-    With ``t``, ``w`` and ``q = softmax(t / T)`` constants, ``d = t - s``, ``W_b = sum_j w_bj``,
-    ``m_b = sum_j w_bj d_bj / W_b`` and ``N = sum_b W_b^2``:
-    ``dL/ds_bj = -beta/N W_b w_bj (d_bj - m_b) + alpha/(B T) (softmax(s_b / T)_j - q_bj)``.
-    Forward saves only that (B, C) gradient; backward multiplies it by the incoming scalar.
+
+class _FusedGKL(torch.autograd.Function):
+    """GKL's value and gradients in one forward pass; backward only scales them.
+
+    With ``w`` and ``q = softmax(t / T)`` constants, ``d = t - s``, ``W_b = sum_j w_bj``,
+    ``m_b = sum_j w_bj d_bj / W_b``, ``N = sum_b W_b^2`` and ``g = beta/N W_b w_bj (d_bj - m_b)``
+    (the wMSE gradient with respect to ``d``; the derivative through ``m_b`` vanishes):
+    ``dL/ds = alpha/(B T) (softmax(s / T) - q) - g`` and ``dL/dt = g`` (soft CE has no teacher
+    gradient). Forward saves one (B, C) tensor per input that needs a gradient: with a frozen
+    teacher only the student's, and no teacher-side buffers at all.
     """
 
     @staticmethod
@@ -67,24 +74,30 @@ class _FrozenTeacherGKL(torch.autograd.Function):
         total = w.sum(dim=1, keepdim=True)
         normaliser = total.square().sum()
         centred = t - s
-        mean = (w * centred).sum(dim=1, keepdim=True) / total.clamp_min(torch.finfo(w.dtype).tiny)
+        mean = _row_dot(w, centred) / total.clamp_min(torch.finfo(w.dtype).tiny)
         centred.sub_(mean)
         weighted_residual = w * centred
-        pairwise = 0.5 * (total.squeeze(1) * (weighted_residual * centred).sum(dim=1)).sum()
-        log_p_s = F.log_softmax(s / temperature, dim=1)
+        pairwise = 0.5 * (total * _row_dot(weighted_residual, centred)).sum()
         q = F.softmax(t / temperature, dim=1)
-        soft_ce = -(q * log_p_s).sum() / batch
-        # grad = alpha/(B T) (p_s - q) - beta/N W w (d - m), built in place in one buffer.
-        grad = log_p_s.exp_().sub_(q).mul_(alpha / (batch * temperature))
-        grad.sub_(weighted_residual.mul_(total * (beta / normaliser)))
-        ctx.save_for_backward(grad)
+        x = s / temperature
+        p_s = F.softmax(x, dim=1)
+        # soft_CE = mean_b(lse_b - q_b . x_b) (q_b sums to 1); lse_b = max_j x_bj - log max_j p_bj.
+        log_sum_exp = x.amax(dim=1) - p_s.amax(dim=1).log()
+        soft_ce = (log_sum_exp.sum() - torch.dot(q.view(-1), x.view(-1))) / batch
+        wmse_grad = weighted_residual.mul_(total * (beta / normaliser))  # g, in place
+        # dL/ds = c (p_s - q) - g, c = alpha / (B T), built in p_s's buffer.
+        scale = alpha / (batch * temperature)
+        grad_s = p_s.mul_(scale).add_(q, alpha=-scale).sub_(wmse_grad)
+        ctx.save_for_backward(grad_s, wmse_grad if ctx.needs_input_grad[1] else None)
         return beta * pairwise / normaliser + alpha * soft_ce
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output: torch.Tensor):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_output, None, None, None, None, None
+        grad_s, grad_t = ctx.saved_tensors
+        grad_s = grad_s * grad_output if ctx.needs_input_grad[0] else None
+        grad_t = grad_t * grad_output if grad_t is not None else None
+        return grad_s, grad_t, None, None, None, None
 
 
 def _check_class_prior(class_prior: torch.Tensor, logits: torch.Tensor, check_finite: bool) -> None:
@@ -133,8 +146,9 @@ def gkl_loss(
       gradients flow into both s and t (asymmetry broken).
     - ``soft_CE = mean_b( -sg(softmax(t_b / T)) . log_softmax(s_b / T) )`` (no T^2 factor).
 
-    When only the student needs gradients (a frozen teacher) the loss takes a fused path with the
-    same value and gradient. ``check_finite=False`` skips the data-dependent checks (non-finite
+    Value and gradients come from one fused pass (:class:`_FusedGKL`); with a frozen teacher
+    (``teacher_logits.requires_grad`` False) nothing is computed or stored for the teacher's
+    gradient. ``check_finite=False`` skips the data-dependent checks (non-finite
     logits, negative or all-zero prior rows), which synchronise with the device.
     """
     check_pair(student_logits, teacher_logits, check_finite=check_finite)
@@ -143,20 +157,18 @@ def gkl_loss(
     check_non_negative("alpha", alpha)
     check_non_negative("beta", beta)
     check_non_negative("gamma", gamma)
-    s = as_float32_or_wider(student_logits)
-    t = as_float32_or_wider(teacher_logits)
+    dtype = torch.promote_types(
+        as_float32_or_wider(student_logits).dtype, as_float32_or_wider(teacher_logits).dtype
+    )
+    s, t = student_logits.to(dtype), teacher_logits.to(dtype)
     with torch.no_grad():
         if class_prior is None:
             p = F.softmax(t if temperature2 == 1 else t / temperature2, dim=1)
         else:
             _check_class_prior(class_prior, s, check_finite)
-            p = class_prior.to(s.dtype)
+            p = class_prior.to(dtype)
         w = p if gamma == 1 else p.pow(gamma)
-    if not t.requires_grad and s.requires_grad and torch.is_grad_enabled():
-        return _FrozenTeacherGKL.apply(s, t, w, float(alpha), float(beta), float(temperature))
-    pairwise, normaliser = _pairwise_wmse_sum(t - s, w)
-    wmse = pairwise / normaliser
-    return beta * wmse + alpha * soft_cross_entropy(s, t, temperature=temperature)
+    return _FusedGKL.apply(s, t, w, float(alpha), float(beta), float(temperature))
 
 
 def dkl_loss(
