@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from gkl.config import compose_config
 from gkl.models import FrozenTeacher
-from gkl.models import clip as clip_module
 from gkl.models.classnames import (
     CIFAR10_CLASSES,
     CIFAR100_CLASSES,
@@ -24,7 +23,7 @@ from gkl.models.clip import (
     build_clip_teacher,
     check_clip_model,
     create_clip,
-    encode_class_texts,
+    zero_shot_head,
 )
 from gkl.train import run
 
@@ -83,29 +82,35 @@ def test_wrapper_takes_unit_range_images_of_any_size(teacher):
     torch.testing.assert_close(features.norm(dim=1), torch.ones(3))
 
 
-def test_head_rows_are_normalised_means_of_normalised_template_embeddings():
+def test_head_rows_are_normalised_means_of_normalised_template_embeddings(tmp_path):
     import open_clip
 
     model = create_clip(SMALL, None)
     tokenizer = open_clip.get_tokenizer(SMALL)
     names = ["cat", "dog", "ship"]
-    head = encode_class_texts(model, tokenizer, names, TEMPLATES)
+    # A tag (not None) keeps the whole template ensemble; the model passed in is the random one.
+    head = zero_shot_head(SMALL, "test-tag", names, TEMPLATES, tmp_path, clip_model=model)
     with torch.no_grad():
         per_template = [
             F.normalize(model.encode_text(tokenizer([t.format(n) for n in names])), dim=-1)
             for t in TEMPLATES
         ]
     expected = F.normalize(torch.stack(per_template).mean(0), dim=-1)
-    torch.testing.assert_close(head, expected, atol=1e-5, rtol=1e-5)
+    assert head.weights.shape == (3, 256) and head.weights.dtype == torch.float32
+    torch.testing.assert_close(head.weights, expected, atol=1e-5, rtol=1e-5)
+    assert head.logit_scale == pytest.approx(model.logit_scale.exp().item())
+    assert not list(tmp_path.glob("*.tmp*"))  # written atomically, no temp file left
 
 
 def test_second_build_reads_the_cached_head(teacher, cache_dir, monkeypatch):
+    import open_clip
+
     (cached,) = list(cache_dir.glob(f"{SMALL}-*.pt"))
 
     def fail(*args, **kwargs):
         raise AssertionError("the head should come from the cache")
 
-    monkeypatch.setattr(clip_module, "encode_class_texts", fail)
+    monkeypatch.setattr(open_clip, "build_zero_shot_classifier", fail)
     again = build_clip_teacher(
         SMALL, None, "cifar10", TEMPLATES, num_classes=10, cache_dir=cache_dir, allow_random=True
     )
@@ -152,15 +157,30 @@ def test_student_shares_the_teachers_head_and_projects_to_its_width(teacher, cac
 
 
 def test_class_name_and_template_sets():
-    assert len(get_class_names("imagenet")) == 1000
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+
+    imagenet = get_class_names("imagenet")
+    assert imagenet == tuple(IMAGENET_CLASSNAMES) and len(imagenet) == 1000
+    assert imagenet[0] == "tench" and imagenet[999] == "toilet paper"
+    templates = get_templates(None, "imagenet")
+    assert len(templates) == 80 and all(t.count("{}") == 1 for t in templates)
+    assert templates[0].format("cat") == OPENAI_IMAGENET_TEMPLATES[0]("cat")
     assert get_class_names("cifar100") == CIFAR100_CLASSES and len(CIFAR100_CLASSES) == 100
-    assert get_class_names("cifar10") == CIFAR10_CLASSES
+    assert CIFAR100_CLASSES[1] == "aquarium fish" and not any("_" in n for n in CIFAR100_CLASSES)
+    assert get_class_names("cifar10") == CIFAR10_CLASSES and len(CIFAR10_CLASSES) == 10
     assert get_templates(None, "cifar10") == CIFAR_TEMPLATES and len(CIFAR_TEMPLATES) == 18
-    assert len(get_templates(None, "imagenet")) == 80
     with pytest.raises(ValueError, match="shipped sets"):
         get_class_names("cifar1000")
     with pytest.raises(ValueError, match="one '{}'"):
         get_templates(["a photo"])
+
+
+def test_timm_towers_are_chosen_by_source_not_by_a_name_prefix(cache_dir):
+    kwargs = dict(class_names="cifar10", templates=TEMPLATES, num_classes=10, cache_dir=cache_dir)
+    with pytest.raises(ValueError, match=r"model.source=timm model.name=vit_small_patch32_224"):
+        build_clip_student("timm/vit_small_patch32_224", SMALL, None, **kwargs)
+    with pytest.raises(ValueError, match=r"model.source='hf'.*'open_clip' and 'timm'"):
+        build_clip_student("ViT-S-32", SMALL, None, source="hf", **kwargs)
 
 
 def test_cifar_kd_with_a_clip_teacher_runs(tmp_path):

@@ -1,17 +1,18 @@
 """Class names and prompt templates for CLIP zero-shot heads (CIFAR-10, CIFAR-100, ImageNet).
 
-The names and templates are CLIP's (openai/CLIP ``data/prompts.md`` and its ImageNet notebook):
-CIFAR names in the data sets' label order with ``_`` written as a space; ImageNet's 1000 names in
-the standard index order (sorted WordNet ids, the order of an ImageFolder over ``train/``), read
-from ``gkl/models/data/imagenet_classes.txt`` (two names, "missile" and "sunglasses", occur twice,
-as in CLIP's list).
+ImageNet's 1000 names (standard index order: sorted WordNet ids, the order of an ImageFolder over
+``train/``) and 80 templates are open_clip's ``zero_shot_metadata.IMAGENET_CLASSNAMES`` /
+``OPENAI_IMAGENET_TEMPLATES`` (CLIP's; "missile" and "sunglasses" occur twice, as in CLIP's list).
+open_clip ships nothing for CIFAR, and torchvision's CIFAR ``classes`` exist only on a data set
+read from disk (its archive's ``meta`` pickle), so the CIFAR names below are torchvision's label
+order in CLIP's spelling (openai/CLIP ``data/prompts.md``: ``_`` written as a space), with CLIP's
+18 CIFAR templates.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cache
-from importlib import resources
 
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -57,25 +58,25 @@ CIFAR_TEMPLATES: tuple[str, ...] = (
 SIMPLE_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 
 
-def _read_lines(filename: str) -> tuple[str, ...]:
-    text = resources.files("gkl.models").joinpath("data", filename).read_text(encoding="utf-8")
-    return tuple(line for line in text.splitlines() if line)
-
-
 @cache
 def _class_sets() -> dict[str, tuple[str, ...]]:
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
     return {
         "cifar10": CIFAR10_CLASSES,
         "cifar100": CIFAR100_CLASSES,
-        "imagenet": _read_lines("imagenet_classes.txt"),
+        "imagenet": tuple(IMAGENET_CLASSNAMES),
     }
 
 
 @cache
 def _template_sets() -> dict[str, tuple[str, ...]]:
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
     return {
         "cifar": CIFAR_TEMPLATES,
-        "imagenet": _read_lines("imagenet_templates.txt"),
+        # open_clip writes them as callables; as strings they key the head cache.
+        "imagenet": tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES),
         "simple": SIMPLE_TEMPLATES,
     }
 

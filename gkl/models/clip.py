@@ -26,14 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gkl.io import atomic_torch_save
 from gkl.models.classnames import get_class_names, get_templates
-from gkl.models.factory import create_timm_model
+from gkl.models.factory import create_timm_model, reject_timm_prefix
 from gkl.models.wrappers import FrozenTeacher
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 RANDOM_WEIGHTS_SEED = 0
-TEXTS_PER_BATCH = 256
+TEXTS_PER_BATCH = 256  # prompts per text-encoder batch while building a head
 SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip names that carry their own weights
 
 
@@ -95,23 +96,6 @@ class ZeroShotHead:
     logit_scale: float
 
 
-@torch.no_grad()
-def encode_class_texts(
-    clip_model: nn.Module, tokenizer, class_names: Sequence[str], templates: Sequence[str]
-) -> Tensor:
-    """Rows ``normalize(mean_t normalize(encode_text(template_t.format(name))))``, on the CPU."""
-    device = next(clip_model.parameters()).device
-    per_batch = max(1, TEXTS_PER_BATCH // len(templates))
-    rows = []
-    for start in range(0, len(class_names), per_batch):
-        names = class_names[start : start + per_batch]
-        tokens = tokenizer([t.format(n) for n in names for t in templates]).to(device)
-        embeddings = F.normalize(clip_model.encode_text(tokens).float(), dim=-1)
-        mean = embeddings.view(len(names), len(templates), -1).mean(dim=1)
-        rows.append(F.normalize(mean, dim=-1).cpu())
-    return torch.cat(rows)
-
-
 def _cache_key(
     name: str, pretrained: str | None, class_names: Sequence[str], templates: Sequence[str]
 ) -> str:
@@ -148,9 +132,12 @@ def zero_shot_head(
     cache_dir: str | Path | None = None,
     clip_model: nn.Module | None = None,
 ) -> ZeroShotHead:
-    """The zero-shot head of open_clip model ``name``, from the disk cache or encoded and cached.
+    """The zero-shot head of open_clip model ``name``, from the disk cache or built and cached.
 
-    ``clip_model`` (the model already built with these weights) saves building it on a miss.
+    A miss builds it with ``open_clip.build_zero_shot_classifier`` (row c: the normalised mean of
+    the normalised text embeddings of class c in every template) and writes it atomically
+    (:func:`gkl.io.atomic_torch_save`: DDP ranks may write at once). ``clip_model`` (the model
+    already built with these weights) saves building it on a miss.
     """
     import open_clip
 
@@ -163,14 +150,20 @@ def zero_shot_head(
         return ZeroShotHead(cached["weights"], float(cached["logit_scale"]))
     model = clip_model if clip_model is not None else create_clip(name, pretrained)
     home = next(model.parameters()).device
-    model.to(_encoding_device())
-    weights = encode_class_texts(model, open_clip.get_tokenizer(name), class_names, templates)
+    device = _encoding_device()
+    model.to(device)
+    weights = open_clip.build_zero_shot_classifier(
+        model,
+        open_clip.get_tokenizer(name),
+        list(class_names),
+        list(templates),
+        num_classes_per_batch=max(1, TEXTS_PER_BATCH // len(templates)),
+        device=device,
+    )
     model.to(home)
-    head = ZeroShotHead(weights, float(model.logit_scale.detach().exp()))
+    head = ZeroShotHead(weights.T.float().cpu().contiguous(), float(model.logit_scale.exp()))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks may write at once
-    torch.save({"weights": head.weights, "logit_scale": head.logit_scale}, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save({"weights": head.weights, "logit_scale": head.logit_scale}, path)
     return head
 
 
@@ -309,22 +302,26 @@ def build_clip_student(
     pretrained: str | bool | None = None,
     cache_dir: str | None = None,
     synthetic_data: bool = False,
+    source: str = "open_clip",
 ) -> CLIPClassifier:
     """A CLIP student: a trainable image tower with the frozen zero-shot head of ``text_name``.
 
-    The tower is the image tower of open_clip model ``name`` (weights ``pretrained``: a tag, a
-    file or ``None``), followed by a linear projection when its embedding size differs from the
-    head's, or ``timm/<model>`` (``pretrained``: bool) with its classifier resized to the head's
-    dimension. The head and logit scale are those :func:`build_clip_teacher` computes for
-    ``text_name`` / ``text_pretrained`` (shared through the cache). ``synthetic_data``:
-    ``train.py`` gives synthetic-data runs a random teacher, so the head then comes from the
-    same seeded random text tower.
+    ``source="open_clip"``: the image tower of open_clip model ``name`` (weights ``pretrained``:
+    a tag, a file or ``None``), followed by a linear projection when its embedding size differs
+    from the head's; ``source="timm"``: timm model ``name`` (``pretrained``: bool) with its
+    classifier resized to the head's dimension. The head and logit scale are those
+    :func:`build_clip_teacher` computes for ``text_name`` / ``text_pretrained`` (shared through
+    the cache). ``synthetic_data``: ``train.py`` gives synthetic-data runs a random teacher, so
+    the head then comes from the same seeded random text tower.
     """
+    if source not in ("open_clip", "timm"):
+        raise ValueError(f"model.source={source!r}: valid choices are 'open_clip' and 'timm'")
+    reject_timm_prefix(name, "model")
     names, prompts = _resolve_classes(class_names, templates, num_classes)
     text_weights = None if synthetic_data else _weights(text_pretrained)
     head = zero_shot_head(text_name, text_weights, names, prompts, cache_dir)
-    if name.startswith("timm/"):
-        return _timm_student(name.removeprefix("timm/"), bool(pretrained), head)
+    if source == "timm":
+        return _timm_student(name, bool(pretrained), head)
     clip_model = create_clip(name, _weights(pretrained), seed=None)
     student = _classifier(clip_model.visual, head, clip_model)
     with torch.no_grad():

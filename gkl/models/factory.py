@@ -9,13 +9,13 @@ from torch import nn
 from gkl.models.cifar import CIFAR_MODELS
 from gkl.models.small import SMALL_MODELS
 
-TIMM_PREFIX = "timm/"
+TIMM_PREFIX = "timm/"  # not a way to choose timm: create_model rejects it with the one way
 
 MODEL_REGISTRY: dict[str, Callable[..., nn.Module]] = {**CIFAR_MODELS, **SMALL_MODELS}
 
 
 def list_models() -> list[str]:
-    """Names accepted by :func:`create_model` (``timm/<name>`` is accepted too)."""
+    """Names accepted by :func:`create_model` (timm models: ``source="timm"`` in the builders)."""
     return list(MODEL_REGISTRY)
 
 
@@ -43,19 +43,30 @@ def create_timm_model(
     )
 
 
+def reject_timm_prefix(name: str, group: str) -> None:
+    """Raise for ``timm/<name>``: timm models are chosen with ``source: timm`` only."""
+    if name.startswith(TIMM_PREFIX):
+        bare = name[len(TIMM_PREFIX) :]
+        raise ValueError(
+            f"{group}.name={name!r}: timm models are chosen with {group}.source=timm and the "
+            f"bare timm name, not a {TIMM_PREFIX!r} prefix: {group}.source=timm {group}.name={bare}"
+            f" (or the config {group}=timm)"
+        )
+
+
 def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """Create a registered model, or a timm model when ``name`` starts with ``timm/``.
+    """Create a network of the zoo (:func:`list_models`) by name.
 
     ``kwargs`` go to the constructor (e.g. ``in_channels`` for zoo models, ``drop_rate`` for
-    WideResNets, ``pretrained``/``in_chans`` for timm). The result expects normalised input;
-    wrap it in :class:`gkl.models.wrappers.Normalized` for ``[0, 1]`` images.
+    WideResNets). timm networks come from :func:`create_timm_model` (``source: timm`` in the
+    model and teacher configs). The result expects normalised input; wrap it in
+    :class:`gkl.models.wrappers.Normalized` for ``[0, 1]`` images.
     """
-    if name.startswith(TIMM_PREFIX):
-        return create_timm_model(name[len(TIMM_PREFIX) :], num_classes, **kwargs)
+    reject_timm_prefix(name, "model")
     if name not in MODEL_REGISTRY:
         hint = _suggest(name, list_models())
         raise ValueError(
             f"Unknown model {name!r}.{hint} Valid names: {', '.join(list_models())} "
-            f"(or {TIMM_PREFIX}<timm model name>)."
+            "(or source=timm for a timm model)."
         )
     return MODEL_REGISTRY[name](num_classes=num_classes, **kwargs)
