@@ -318,3 +318,19 @@ def test_kl_penalty_has_verl_names_values_and_working_plus_suffix():
     kl_penalty(torch.tensor([[5.0]]), torch.tensor([[float("nan")]]), "k1")
     with pytest.raises(ValueError, match=r"kl_penalty must be one of verl's names"):
         kl_penalty(lp, ref, "full")
+
+
+def test_bias_corrected_k3_has_the_per_sample_gradient_of_detached_k2():
+    """grad(rho * k3) = rho * (log pi - log ref) * grad log pi = grad(sg(rho) * k2), per token,
+    so TRL's use_bias_correction_kl is gkl's detached k2 and, like it, biased on sequences."""
+    g = torch.Generator().manual_seed(5)
+    lp = (-torch.rand(4, 6, generator=g, dtype=D) * 3).requires_grad_(True)
+    ref = -torch.rand(4, 6, generator=g, dtype=D) * 3
+    old = -torch.rand(4, 6, generator=g, dtype=D) * 3
+    kw = {"old_logprobs": old, "mask": torch.rand(4, 6, generator=g) > 0.2}
+    a = kl_loss_per_token(lp, ref, estimator="k3", is_mode="differentiable", **kw)
+    b = kl_loss_per_token(lp, ref, estimator="k2", is_mode="detached", **kw)
+    (ga,) = torch.autograd.grad(a.sum(), lp)
+    (gb,) = torch.autograd.grad(b.sum(), lp)
+    torch.testing.assert_close(ga, gb, **EXACT)
+    assert not torch.allclose(a, b)  # the values differ

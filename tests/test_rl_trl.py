@@ -163,3 +163,28 @@ def test_bad_options_raise(tiny_gpt2, tmp_path):
         _trainer(tiny_gpt2, tmp_path, kl_is_mode="per-token")
     with pytest.raises(ValueError, match=r"estimator must be one of"):
         _trainer(tiny_gpt2, tmp_path, kl_estimator="k5")
+
+
+def test_transformer_demo_cumulative_run_follows_the_on_policy_run(monkeypatch):
+    """scripts/transformer_kl_demo.py: with stale rollouts, cumulative IS reproduces the
+    on-policy trajectory of k2-as-loss step for step; detached IS drifts away from it."""
+    import argparse
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "transformer_kl_demo.py"
+    spec = importlib.util.spec_from_file_location("transformer_kl_demo", path)
+    demo = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "transformer_kl_demo", demo)  # dataclasses look it up
+    spec.loader.exec_module(demo)
+    problem = demo.Enumerated(vocab=2, length=3, seed=0)
+    args = argparse.Namespace(steps=12, lr=2e-2, lag=4, seed=0)
+    by_label = {m.label: m for m in demo.METHODS}
+    final = {
+        label: demo.run(problem, by_label[label], args).final_logp
+        for label in ("k2 as loss", "k2, IS cumulative", "k2, IS detached")
+    }
+    assert torch.exp(final["k2 as loss"]).sum().item() == pytest.approx(1.0, abs=1e-12)
+    torch.testing.assert_close(final["k2, IS cumulative"], final["k2 as loss"], rtol=0, atol=1e-9)
+    assert (final["k2, IS detached"] - final["k2 as loss"]).abs().max() > 1e-6
