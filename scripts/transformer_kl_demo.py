@@ -234,8 +234,8 @@ def main() -> None:
         for ax in axes[row]:
             ax.set_xlabel("Adam step")
     axes[0, 1].set_title("on-policy: KL(π‖π*) to the optimum")
-    axes[1, 1].set_title(f"{off}: KL(π‖π_twin), twin = the on-policy run it should follow")
-    axes[1, 1].legend(fontsize=8)
+    axes[1, 1].set_title(f"{off}: KL(π‖π_twin)")
+    axes[1, 1].legend(fontsize=8, title="vs the on-policy twin it should follow", title_fontsize=8)
     args.figure.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(args.figure, "wb") as fh:
         fig.savefig(fh, format="png", dpi=100)
