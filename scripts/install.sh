@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Creates a virtual environment (default .venv, or $GKL_VENV) and installs gkl with its test and
-# sweep extras, plus the offline Fashion-MNIST data set where the Debian package can be installed.
+# sweep and rl extras, plus the offline Fashion-MNIST data set where the Debian package can be
+# installed.
 #   bash scripts/install.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${GKL_VENV:-.venv}"
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -e ".[dev,sweep]"
+"$venv/bin/python" -m pip install -q -e ".[dev,sweep,rl]"
 # Independent PGD reference for the attack tests; its metadata pins an old requests, so no deps.
 "$venv/bin/python" -m pip install -q --no-deps torchattacks==3.5.1
 

@@ -5,25 +5,33 @@ OpenRLHF flags that select it.
 """
 
 from gkl.rl.kl import (
+    EMPTY_ROWS,
     ESTIMATOR_ALIASES,
     ESTIMATORS,
     IS_MODES,
+    LOGPROB_TOLERANCE,
     LOSS_AGG_MODES,
+    VERL_KL_PENALTIES,
     agg_loss,
     kl_estimate,
     kl_in_reward,
     kl_loss,
     kl_loss_per_token,
+    kl_penalty,
 )
 
 __all__ = [
+    "EMPTY_ROWS",
     "ESTIMATORS",
     "ESTIMATOR_ALIASES",
     "IS_MODES",
+    "LOGPROB_TOLERANCE",
     "LOSS_AGG_MODES",
+    "VERL_KL_PENALTIES",
     "agg_loss",
     "kl_estimate",
     "kl_in_reward",
     "kl_loss",
     "kl_loss_per_token",
+    "kl_penalty",
 ]

@@ -12,9 +12,13 @@ How a term is used decides which divergence its expected gradient follows (a ~ p
   from per-token rewards) for the sequence-level KL.
 * "as loss" (`kl_loss`): k is differentiated directly. k2 gives grad KL(pi || pi_ref) per token,
   k3 gives grad KL(pi_ref || pi) (forward KL), k1 gives zero in expectation.
-* off-policy (tokens sampled from mu, rho = pi / mu): sg(rho) * k reproduces the on-policy
-  gradient of k; rho * k with the gradient through rho is the gradient of E_pi[k], which is
-  KL(pi || pi_ref) for k1 and k3; dropping rho ("none") or clipping it ("ppo_clip") biases it.
+* off-policy (tokens sampled from mu, rho = pi / mu). One token (a bandit): sg(rho) * k
+  ("detached") reproduces the on-policy gradient of k; rho * k with the gradient through rho
+  ("differentiable") is the gradient of E_pi[k], which is KL(pi || pi_ref) for k1 and k3.
+  Sequences: the prefix of token t was sampled from mu too, so only the cumulative weight
+  sg(prod_{s<=t} rho_s) ("cumulative") reproduces the on-policy expected gradient; the
+  per-token sg(rho_t) misses the change of the prefix distribution. Dropping rho ("none"),
+  clipping it ("ppo_clip") or truncating it (``is_truncation``) biases it.
 
 All functions are pure torch; fp16/bf16 inputs are computed in float32.
 """
@@ -25,8 +29,21 @@ import torch
 
 ESTIMATORS = ("k1", "k2", "k3", "abs", "low_var_kl")
 ESTIMATOR_ALIASES = {"kl": "k1", "mse": "k2"}
-IS_MODES = ("none", "detached", "differentiable", "ppo_clip")
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+IS_MODES = ("none", "detached", "cumulative", "differentiable", "ppo_clip")
+LOSS_AGG_MODES = (
+    "token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+    "token-sum",
+    "dr_grpo",
+)
+EMPTY_ROWS = ("exclude", "include")
+# Log-probabilities up to this much above 0 are float rounding (log_softmax of a near-certain
+# token in float32 can give +1e-7) and are accepted as they are.
+LOGPROB_TOLERANCE = 1e-5
+# verl's names for kl_penalty(); "k3" is verl's clamped low_var_kl, unlike gkl's own "k3".
+VERL_KL_PENALTIES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _MAX_LOG_RATIO = 20.0  # verl's clamp on log-ratios before exp()
@@ -86,12 +103,35 @@ def _check_values(name: str, x: torch.Tensor, valid: torch.Tensor | None) -> Non
             f"(shape {tuple(x.shape)}); a sampled token needs a finite log-probability under "
             "every policy"
         )
-    n_pos = int((vals > 0).sum())
+    n_pos = int((vals > LOGPROB_TOLERANCE).sum())
     if n_pos:
         raise ValueError(
             f"{name} has {n_pos}{where} entries > 0 (max {vals.max().item():.4g}, shape "
-            f"{tuple(x.shape)}); log-probabilities must be <= 0: pass log_softmax(logits) "
-            "gathered at the sampled tokens, not logits or probabilities"
+            f"{tuple(x.shape)}; up to {LOGPROB_TOLERANCE:g} is accepted as rounding); "
+            "log-probabilities must be <= 0: pass log_softmax(logits) gathered at the sampled "
+            "tokens, not logits or probabilities"
+        )
+
+
+def _check_log_ratio_clamp(log_ratio_clamp: float | None) -> None:
+    if log_ratio_clamp is not None and not (
+        isinstance(log_ratio_clamp, (int, float)) and log_ratio_clamp > 0
+    ):
+        raise ValueError(
+            f"log_ratio_clamp must be None (no clamp) or a positive number, got {log_ratio_clamp!r}"
+        )
+
+
+def _check_finite_estimate(k: torch.Tensor, valid: torch.Tensor | None, estimator: str) -> None:
+    """Raise on an overflowed estimate (k3's exp of a large log-ratio) at real tokens."""
+    vals = k.detach() if valid is None else k.detach()[valid]
+    n_bad = int((~torch.isfinite(vals)).sum())
+    if n_bad:
+        raise ValueError(
+            f"estimator {estimator!r} overflowed to Inf at {n_bad} token(s) in {k.dtype}: "
+            "ref_logprobs - logprobs is too large for exp(); pass log_ratio_clamp=20 (verl's "
+            "bound; biased where active: a clamped token has zero gradient), use "
+            "estimator='low_var_kl', or compute in float64"
         )
 
 
@@ -124,17 +164,28 @@ def _zero_padding(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
 
 
 def _estimate(
-    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, name: str, straight_through: bool
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    name: str,
+    straight_through: bool,
+    log_ratio_clamp: float | None = None,
 ) -> torch.Tensor:
-    value = _estimate_value(logprobs, ref_logprobs, name)
+    value = _estimate_value(logprobs, ref_logprobs, name, log_ratio_clamp)
     if not straight_through:
         return value
-    k2 = _estimate_value(logprobs, ref_logprobs, "k2")
+    k2 = _estimate_value(logprobs, ref_logprobs, "k2", log_ratio_clamp)
     return k2 - k2.detach() + value.detach()
 
 
-def _estimate_value(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, name: str) -> torch.Tensor:
+def _estimate_value(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    name: str,
+    log_ratio_clamp: float | None = None,
+) -> torch.Tensor:
     log_delta = ref_logprobs - logprobs
+    if log_ratio_clamp is not None:
+        log_delta = log_delta.clamp(-log_ratio_clamp, log_ratio_clamp)
     if name == "k1":
         return -log_delta
     if name == "k2":
@@ -154,6 +205,7 @@ def kl_estimate(
     ref_logprobs: torch.Tensor,
     estimator: str,
     *,
+    log_ratio_clamp: float | None = None,
     check_values: bool = True,
 ) -> torch.Tensor:
     """Per-token KL estimate, differentiable w.r.t. ``logprobs`` (any shape, same for both).
@@ -165,16 +217,48 @@ def kl_estimate(
     clamped k3; note verl's own "k3" is an alias of this clamped form).
     A "+" suffix (verl's straight-through, e.g. ``k3+``) keeps the value and takes the gradient
     of k2: k2 - sg(k2) + sg(k). E_pi[k1] = E_pi[k3] = KL(pi || pi_ref); k2 and abs are biased.
-    ``check_values`` requires finite entries <= 0 (costs a device sync).
+    ``log_ratio_clamp`` (opt-in, e.g. 20) clamps log_delta to +-clamp first, so float32 k3
+    cannot overflow; where it is active the estimate is biased and its gradient is 0.
+    ``check_values`` requires finite entries <= 0 (up to ``LOGPROB_TOLERANCE``) and a finite
+    estimate (costs a device sync).
     """
     name, straight_through = _resolve_estimator(estimator)
+    _check_log_ratio_clamp(log_ratio_clamp)
     _check_tensor("logprobs", logprobs, ndim=None)
     _check_tensor("ref_logprobs", ref_logprobs, ndim=None)
     _check_same_shape("ref_logprobs", ref_logprobs, "logprobs", logprobs)
     if check_values:
         _check_values("logprobs", logprobs, None)
         _check_values("ref_logprobs", ref_logprobs, None)
-    return _estimate(_upcast(logprobs), _upcast(ref_logprobs), name, straight_through)
+    k = _estimate(_upcast(logprobs), _upcast(ref_logprobs), name, straight_through, log_ratio_clamp)
+    if check_values:
+        _check_finite_estimate(k, None, estimator)
+    return k
+
+
+def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str) -> torch.Tensor:
+    """Drop-in for verl's ``core_algos.kl_penalty(logprob, ref_logprob, kl_penalty)``.
+
+    verl's names and meanings: ``kl``/``k1`` = logprob - ref_logprob, ``abs``, ``mse``/``k2``,
+    ``low_var_kl``/``k3`` = verl's clamped k3 (see ``kl_estimate``), each optionally with the
+    "+" straight-through suffix (value of k, gradient of k2). Unlike verl at v0.6.0-v0.7.0 (where
+    a "+" name reaches ``kl_penalty_forward`` and raises NotImplementedError) the "+" names work.
+    No value checks, as in verl: padded positions may hold anything and are masked afterwards.
+    fp16/bf16 inputs are computed in float32.
+    """
+    if not isinstance(kl_penalty, str):
+        raise ValueError(f"kl_penalty must be a string, got {type(kl_penalty).__name__}")
+    base = kl_penalty[:-1] if kl_penalty.endswith("+") else kl_penalty
+    if base not in VERL_KL_PENALTIES:
+        valid = ", ".join(repr(n) for n in VERL_KL_PENALTIES)
+        raise ValueError(
+            f"kl_penalty must be one of verl's names {valid}, optionally with a '+' suffix; "
+            f"got {kl_penalty!r} (verl's 'full' needs whole-vocabulary log-probs and is not "
+            "implemented there either)"
+        )
+    name = "low_var_kl" if base == "k3" else base
+    suffix = "+" if kl_penalty.endswith("+") else ""
+    return kl_estimate(logprob, ref_logprob, name + suffix, check_values=False)
 
 
 def kl_in_reward(
@@ -184,6 +268,7 @@ def kl_in_reward(
     estimator: str = "k1",
     mask: torch.Tensor | None = None,
     reward_to_go: bool = False,
+    log_ratio_clamp: float | None = None,
     check_values: bool = True,
 ) -> torch.Tensor:
     """Detached per-token KL penalty k_t of shape (batch, T), to subtract (times beta) from rewards.
@@ -193,9 +278,10 @@ def kl_in_reward(
     grad log pi_t that makes k1 give the exact sequence-level grad KL(pi(y) || pi_ref(y));
     without it the per-token k_t is meant for a return/advantage estimator (GAE, RLOO, ...)
     that sums rewards itself, and using k_t alone as the coefficient ignores future tokens.
-    Padded positions (mask == 0) are 0.
+    Padded positions (mask == 0) are 0. ``log_ratio_clamp`` as in ``kl_estimate``.
     """
     name, _ = _resolve_estimator(estimator)  # the "+" suffix only changes gradients
+    _check_log_ratio_clamp(log_ratio_clamp)
     _check_tensor("logprobs", logprobs, ndim=2)
     _check_tensor("ref_logprobs", ref_logprobs, ndim=2)
     _check_same_shape("ref_logprobs", ref_logprobs, "logprobs", logprobs)
@@ -206,7 +292,9 @@ def kl_in_reward(
     with torch.no_grad():
         lp = _zero_padding(_upcast(logprobs), valid)
         ref = _zero_padding(_upcast(ref_logprobs), valid)
-        penalty = _zero_padding(_estimate_value(lp, ref, name), valid)
+        penalty = _zero_padding(_estimate_value(lp, ref, name, log_ratio_clamp), valid)
+        if check_values:
+            _check_finite_estimate(penalty, valid, estimator)
         if reward_to_go:
             penalty = penalty.flip(-1).cumsum(-1).flip(-1)
             penalty = _zero_padding(penalty, valid)
@@ -221,31 +309,59 @@ def kl_loss_per_token(
     mask: torch.Tensor | None = None,
     old_logprobs: torch.Tensor | None = None,
     is_mode: str = "none",
+    is_truncation: float | None = None,
     clip_ratio_low: float = 0.2,
     clip_ratio_high: float = 0.2,
+    log_ratio_clamp: float | None = None,
     check_values: bool = True,
 ) -> torch.Tensor:
     """Per-token KL loss L_t of shape (batch, T), 0 at padding, before aggregation.
 
     With k_t = kl_estimate(logprobs, ref_logprobs, estimator) and, for tokens sampled from a
-    behaviour policy mu, rho_t = exp(logprobs - old_logprobs) (log-ratio clamped to +-20):
-    ``none``: L = k; ``detached``: L = sg(rho) * k; ``differentiable``: L = rho * k (gradient
-    through rho); ``ppo_clip``: L = max(rho * k, clip(rho, 1 - clip_ratio_low,
-    1 + clip_ratio_high) * k), PPO's pessimistic clip with advantage -k (equal to
-    ``differentiable`` while no ratio is clipped, biased once clipping is active).
+    behaviour policy mu, rho_t = exp(logprobs_t - old_logprobs_t) (log-ratio clamped to +-20):
+    ``none``: L = k; ``detached``: L = sg(rho_t) * k; ``cumulative``: L = sg(prod_{s<=t}
+    rho_s) * k (padding skipped; the log of the product clamped to +-20); ``differentiable``:
+    L = rho * k (gradient through rho); ``ppo_clip``: L = max(rho * k, clip(rho,
+    1 - clip_ratio_low, 1 + clip_ratio_high) * k), PPO's pessimistic clip with advantage -k.
+    Exact off-policy expected gradients: ``detached`` for one token (bandits), ``cumulative``
+    for sequences (its weights' variance grows with the length); ``differentiable`` equals
+    ``ppo_clip`` while no ratio is clipped. ``is_truncation`` = C caps the detached or
+    cumulative weight at C (verl's / TRL's truncated IS): lower variance, biased where active.
     Every mode except ``none`` needs ``old_logprobs`` (on-policy: ``logprobs.detach()``).
+    Straight-through ("+") estimators are refused with a ratio that carries a gradient
+    (``differentiable``, ``ppo_clip``): the score term would be counted twice.
     """
     name, straight_through = _resolve_estimator(estimator)
     _check_choice("is_mode", is_mode, IS_MODES)
+    _check_log_ratio_clamp(log_ratio_clamp)
     _check_tensor("logprobs", logprobs, ndim=2)
     _check_tensor("ref_logprobs", ref_logprobs, ndim=2)
     _check_same_shape("ref_logprobs", ref_logprobs, "logprobs", logprobs)
+    if straight_through and is_mode in ("differentiable", "ppo_clip"):
+        raise ValueError(
+            f"estimator={estimator!r} (straight-through: gradient of k2, already the "
+            f"reverse-KL gradient) cannot be combined with is_mode={is_mode!r}, whose gradient "
+            "through rho adds the score term k * grad log pi a second time (twice the "
+            f"reverse-KL gradient); use is_mode='detached'/'cumulative' with {estimator!r}, or "
+            f"estimator={estimator[:-1]!r} with is_mode={is_mode!r}"
+        )
     if old_logprobs is None and is_mode != "none":
         raise ValueError(
             f"is_mode={is_mode!r} needs old_logprobs (log mu of the policy that sampled the "
             "tokens); for on-policy data pass old_logprobs=logprobs.detach(), or use "
             "is_mode='none'"
         )
+    if is_truncation is not None:
+        if is_mode not in ("detached", "cumulative"):
+            raise ValueError(
+                f"is_truncation caps the detached weight of is_mode='detached' or 'cumulative'; "
+                f"got is_mode={is_mode!r} (use clip_ratio_low/high with 'ppo_clip')"
+            )
+        if not (isinstance(is_truncation, (int, float)) and is_truncation > 0):
+            raise ValueError(
+                f"is_truncation must be None or a positive number (the cap C), got "
+                f"{is_truncation!r}"
+            )
     if old_logprobs is not None:
         _check_tensor("old_logprobs", old_logprobs, ndim=2)
         _check_same_shape("old_logprobs", old_logprobs, "logprobs", logprobs)
@@ -262,14 +378,29 @@ def kl_loss_per_token(
             _check_values("old_logprobs", old_logprobs, valid)
 
     lp = _zero_padding(_upcast(logprobs), valid)
-    k = _estimate(lp, _zero_padding(_upcast(ref_logprobs), valid), name, straight_through)
+    k = _estimate(
+        lp,
+        _zero_padding(_upcast(ref_logprobs), valid),
+        name,
+        straight_through,
+        log_ratio_clamp,
+    )
+    if check_values:
+        _check_finite_estimate(k, valid, estimator)
     if is_mode == "none":
         loss = k
     else:
-        old = _zero_padding(_upcast(old_logprobs), valid)
-        rho = torch.exp((lp - old).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
-        if is_mode == "detached":
-            loss = rho.detach() * k
+        log_rho = lp - _zero_padding(_upcast(old_logprobs), valid)
+        if is_mode == "cumulative":
+            log_w = log_rho.detach().cumsum(-1).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+            weight = torch.exp(log_w)
+        else:
+            rho = torch.exp(log_rho.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+            weight = rho.detach()
+        if is_truncation is not None:
+            weight = weight.clamp(max=is_truncation)
+        if is_mode in ("detached", "cumulative"):
+            loss = weight * k
         elif is_mode == "differentiable":
             loss = rho * k
         else:
@@ -278,30 +409,80 @@ def kl_loss_per_token(
     return _zero_padding(loss, valid)
 
 
-def agg_loss(
-    loss_mat: torch.Tensor, mask: torch.Tensor | None, loss_agg_mode: str = "token-mean"
-) -> torch.Tensor:
-    """Aggregate a (batch, T) per-token loss into a scalar, with verl's mode names.
+def _check_normaliser(name: str, value: object) -> None:
+    if value is None:
+        return
+    number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not number > 0:
+        raise ValueError(
+            f"{name} must be None (use this micro-batch's own count) or a positive number "
+            f"(the count over the whole global batch, all ranks and micro-batches), got {value!r}"
+        )
 
-    ``token-mean``: sum_{b,t} m L / sum_{b,t} m (TRL ``bnpo``/``dapo``, OpenRLHF);
-    ``seq-mean-token-sum``: mean_b sum_t m L;
-    ``seq-mean-token-mean``: mean_b (sum_t m L / sum_t m) (TRL ``grpo``).
-    Padded entries (mask == 0) are ignored; an all-padding row counts as 0 in the seq modes.
+
+def agg_loss(
+    loss_mat: torch.Tensor,
+    mask: torch.Tensor | None,
+    loss_agg_mode: str = "token-mean",
+    dp_size: int = 1,
+    batch_num_tokens: int | float | torch.Tensor | None = None,
+    global_batch_size: int | float | torch.Tensor | None = None,
+    loss_scale_factor: int | float | None = None,
+    *,
+    empty_rows: str = "exclude",
+) -> torch.Tensor:
+    """Aggregate a (batch, T) micro-batch loss into a scalar, with verl's modes and normalisers.
+
+    With m the mask, N = ``batch_num_tokens`` (valid tokens in the global batch), S =
+    ``global_batch_size`` (sequences in it), D = ``dp_size`` and L = ``loss_scale_factor``
+    (default T = loss_mat.shape[-1]); without N / S the micro-batch's own counts are used:
+    ``token-mean``: D * sum m L / N (TRL ``bnpo``/``dapo``, OpenRLHF);
+    ``seq-mean-token-sum``: D * sum_b (sum_t m L) / S;
+    ``seq-mean-token-mean``: D * sum_b (sum_t m L / sum_t m) / S (TRL ``grpo``);
+    ``seq-mean-token-sum-norm``: D * sum m L / L (verl; verl omits D, see docs/rl_kl.md);
+    ``token-sum``: D * sum m L; ``dr_grpo``: D * sum m L / (S * L) (TRL, S counts every row).
+    With the global N / S, the sum over micro-batches (and the data-parallel mean over D ranks)
+    equals the loss of the whole batch. ``empty_rows``: whether an all-padding row counts in the
+    default S of the seq modes: "exclude" (verl, OpenRLHF) or "include" (TRL ``grpo``).
     """
     _check_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
+    _check_choice("empty_rows", empty_rows, EMPTY_ROWS)
     if not isinstance(loss_mat, torch.Tensor) or loss_mat.dim() != 2:
         shape = tuple(loss_mat.shape) if isinstance(loss_mat, torch.Tensor) else loss_mat
         raise ValueError(f"loss_mat must be a 2-D (batch, response_length) tensor, got {shape}")
+    if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
+        raise ValueError(f"dp_size must be a positive int (data-parallel ranks), got {dp_size!r}")
+    _check_normaliser("batch_num_tokens", batch_num_tokens)
+    _check_normaliser("global_batch_size", global_batch_size)
+    _check_normaliser("loss_scale_factor", loss_scale_factor)
     valid = _valid_mask(mask, loss_mat, "loss_mat")
     if valid is None:
         valid = torch.ones_like(loss_mat, dtype=torch.bool)
     loss_mat = _zero_padding(loss_mat, valid)
     counts = valid.to(loss_mat.dtype)
+    row_counts = counts.sum(-1)
+    if global_batch_size is not None:
+        num_seqs = global_batch_size
+    elif empty_rows == "exclude" and loss_agg_mode != "dr_grpo":
+        num_seqs = (row_counts > 0).sum().clamp(min=1)
+    else:
+        num_seqs = max(loss_mat.shape[0], 1)
+    scale = loss_mat.shape[-1] if loss_scale_factor is None else loss_scale_factor
+
     if loss_agg_mode == "token-mean":
-        return loss_mat.sum() / counts.sum().clamp(min=1)
-    if loss_agg_mode == "seq-mean-token-sum":
-        return loss_mat.sum(-1).mean()
-    return (loss_mat.sum(-1) / counts.sum(-1).clamp(min=1)).mean()
+        num_tokens = counts.sum().clamp(min=1) if batch_num_tokens is None else batch_num_tokens
+        loss = loss_mat.sum() / num_tokens
+    elif loss_agg_mode == "seq-mean-token-sum":
+        loss = loss_mat.sum() / num_seqs
+    elif loss_agg_mode == "seq-mean-token-mean":
+        loss = (loss_mat.sum(-1) / row_counts.clamp(min=1)).sum() / num_seqs
+    elif loss_agg_mode == "seq-mean-token-sum-norm":
+        loss = loss_mat.sum() / scale
+    elif loss_agg_mode == "token-sum":
+        loss = loss_mat.sum()
+    else:  # dr_grpo
+        loss = loss_mat.sum() / (num_seqs * scale)
+    return loss * dp_size
 
 
 def kl_loss(
@@ -312,18 +493,28 @@ def kl_loss(
     mask: torch.Tensor | None = None,
     old_logprobs: torch.Tensor | None = None,
     is_mode: str = "none",
+    is_truncation: float | None = None,
     loss_agg_mode: str = "token-mean",
     clip_ratio_low: float = 0.2,
     clip_ratio_high: float = 0.2,
+    log_ratio_clamp: float | None = None,
+    dp_size: int = 1,
+    batch_num_tokens: int | float | torch.Tensor | None = None,
+    global_batch_size: int | float | torch.Tensor | None = None,
+    loss_scale_factor: int | float | None = None,
+    empty_rows: str = "exclude",
     check_values: bool = True,
 ) -> torch.Tensor:
-    """Scalar KL loss: ``agg_loss(kl_loss_per_token(...), mask, loss_agg_mode)``; add beta * it.
+    """Scalar KL loss ``agg_loss(kl_loss_per_token(...), mask, loss_agg_mode, ...)``; add beta * it.
 
     On-policy, E[grad k2] = grad KL(pi || pi_ref) (the default), E[grad k3] =
-    grad KL(pi_ref || pi) and E[grad k1] = 0. Off-policy (tokens from mu), ``detached`` keeps
-    those gradients exact; ``differentiable`` with k1 or k3 gives grad KL(pi || pi_ref).
+    grad KL(pi_ref || pi) and E[grad k1] = 0 per token. Off-policy (tokens from mu), the
+    on-policy expected gradient is kept exactly by ``detached`` for one-token samples only and by
+    ``cumulative`` for sequences (``detached`` misses the prefix's change of distribution);
+    ``differentiable`` with k1 or k3 gives grad KL(pi || pi_ref) per token.
     """
     _check_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
+    _check_choice("empty_rows", empty_rows, EMPTY_ROWS)
     per_token = kl_loss_per_token(
         logprobs,
         ref_logprobs,
@@ -331,8 +522,19 @@ def kl_loss(
         mask=mask,
         old_logprobs=old_logprobs,
         is_mode=is_mode,
+        is_truncation=is_truncation,
         clip_ratio_low=clip_ratio_low,
         clip_ratio_high=clip_ratio_high,
+        log_ratio_clamp=log_ratio_clamp,
         check_values=check_values,
     )
-    return agg_loss(per_token, mask, loss_agg_mode)
+    return agg_loss(
+        per_token,
+        mask,
+        loss_agg_mode,
+        dp_size,
+        batch_num_tokens,
+        global_batch_size,
+        loss_scale_factor,
+        empty_rows=empty_rows,
+    )
