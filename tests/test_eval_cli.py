@@ -15,12 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from gkl.config import compose_config
+from gkl.config import CONFIG_DIR, compose_config
 from gkl.evaluate import autoattack_runner, validate_model_card
 from gkl.evaluate.robustbench_backend import robustbench_available
-from gkl.evaluate.run import RESULTS_FILE, SMOKE_RESULTS_FILE, checkpoint_prefix, load_model, run
+from gkl.evaluate.run import (
+    RESULTS_FILE,
+    SMOKE_RESULTS_FILE,
+    build_model,
+    read_source,
+    resolve_config,
+    run,
+)
 from gkl.models import create_model
-from gkl.train import CONFIG_DIR
 
 ROOT = Path(CONFIG_DIR).parent
 CARD = [
@@ -67,7 +73,7 @@ def compose_eval(tmp_path: Path, overrides: list[str]):
         [
             f"paths.root_dir={tmp_path}",
             f"paths.output_dir={tmp_path / 'run'}",
-            "data.num_workers=0",
+            "++data.num_workers=0",
             *overrides,
         ],
     )
@@ -76,6 +82,7 @@ def compose_eval(tmp_path: Path, overrides: list[str]):
 def cheap(checkpoint: Path, n: int = 24) -> list[str]:
     return [
         f"ckpt_path={checkpoint}",
+        "data=cifar10",
         *MLP,
         f"n_examples={n}",
         "batch_size=12",
@@ -94,7 +101,7 @@ def test_cli_writes_results_and_a_valid_model_card(tmp_path):
             "eval.py",
             *cheap(checkpoint),
             *CARD,
-            "data.num_workers=0",
+            "++data.num_workers=0",
             f"paths.root_dir={tmp_path}",
             f"hydra.run.dir={tmp_path / 'out'}",
         ],
@@ -120,23 +127,40 @@ def test_cli_writes_results_and_a_valid_model_card(tmp_path):
     assert "custom" in card["footnote"] and "first 24 test images" in card["footnote"]
 
 
+def load_model(cfg, weights: str = "auto"):
+    """The model eval.py would evaluate for ``cfg`` (checkpoint read once, run config merged)."""
+    source = read_source(cfg)
+    _, model_cfg = resolve_config(cfg, source)
+    return build_model(model_cfg, source, weights)
+
+
+def lightning_checkpoint(path: Path, trained: dict, averaged: dict | None = None) -> Path:
+    """A checkpoint laid out as gkl's tasks save it: task.model (Normalized) and task.ema_model."""
+    state = {f"model.model.{k}": v for k, v in trained.items()}
+    if averaged is not None:
+        state |= {f"ema_model.model.{k}": v for k, v in averaged.items()}
+    torch.save({"state_dict": state, "epoch": 3}, path)
+    return path
+
+
 def test_lightning_checkpoint_gives_the_ema_weights_unless_told_otherwise(tmp_path):
     trained = create_model("resnet8", 10).state_dict()  # with BN buffers
     averaged = {k: v + 1 if v.is_floating_point() else v for k, v in trained.items()}
-    state = {f"model.model.{k}": v for k, v in trained.items()}
-    state |= {f"ema_model.model.{k}": v for k, v in averaged.items()}
-    path = tmp_path / "last.ckpt"
-    torch.save({"state_dict": state, "epoch": 3}, path)
-    cfg = compose_eval(tmp_path, [f"ckpt_path={path}", "model.name=resnet8"])
-    assert checkpoint_prefix(path) == "ema_model.model."
-    for weights, expected in (("auto", averaged), ("ema", averaged), ("model", trained)):
-        model = load_model(cfg.model, path, weights)
-        assert not model.training
+    path = lightning_checkpoint(tmp_path / "last.ckpt", trained, averaged)
+    cfg = compose_eval(tmp_path, [f"ckpt_path={path}", "model.name=resnet8", "data=cifar10"])
+    for weights, expected, chosen in (
+        ("auto", averaged, "ema"),
+        ("ema", averaged, "ema"),
+        ("model", trained, "model"),
+    ):
+        model, what = load_model(cfg, weights)
+        assert not model.training and what == chosen
         for key, value in model.model.state_dict().items():
             assert torch.equal(value, expected[key]), (weights, key)
     plain = save_network(tmp_path / "plain.pth", name="resnet8")
-    with pytest.raises(ValueError, match="holds no EMA weights"):
-        load_model(cfg.model, plain, "ema")
+    cfg = compose_eval(tmp_path, [f"ckpt_path={plain}", "model.name=resnet8", "data=cifar10"])
+    with pytest.raises(ValueError, match=f"weights=ema but {plain} holds no EMA weights"):
+        load_model(cfg, "ema")
 
 
 def test_second_run_with_the_same_state_path_resumes_without_attacking(tmp_path, monkeypatch):
@@ -199,7 +223,7 @@ def test_robustbench_zoo_model_is_loaded_by_name(tmp_path, monkeypatch):
     settings = [*cheap(checkpoint, n=16)[1:], "data.synthetic=true"]
     reference_cfg = compose_eval(tmp_path, [*settings, f"ckpt_path={checkpoint}"])
     # The zoo serves the same network, normalisation included (as RobustBench's models do).
-    served = load_model(reference_cfg.model, checkpoint)
+    served, _ = load_model(reference_cfg)
     calls: list[dict] = []
     fake_robustbench_zoo(monkeypatch, calls, lambda: served)
     record = run(compose_eval(tmp_path, [*settings, "robustbench_model=Tiny2026Zoo"]))
@@ -213,7 +237,8 @@ def test_robustbench_zoo_model_is_loaded_by_name(tmp_path, monkeypatch):
     ]
     assert record["robustbench_model"] == "Tiny2026Zoo" and record["checkpoint"] is None
     assert record["architecture"] == "Tiny2026Zoo"
-    reference = run(compose_eval(tmp_path, [*settings, f"ckpt_path={checkpoint}"]))
+    own_state = f"state_path={tmp_path / 'reference_state.json'}"  # one state file per model
+    reference = run(compose_eval(tmp_path, [*settings, f"ckpt_path={checkpoint}", own_state]))
     for key in ("clean_acc", "pgd_acc", "autoattack_acc"):
         assert record[key] == reference[key], key
 
@@ -253,7 +278,8 @@ def test_eps_in_pixel_units_is_refused_before_any_work(tmp_path):
 def test_checkpoint_of_another_architecture_names_both(tmp_path):
     wrong = save_network(tmp_path / "wrn.pth", name="wrn_16_1")
     cfg = compose_eval(
-        tmp_path, [f"ckpt_path={wrong}", "model.name=resnet8", "data.synthetic=true"]
+        tmp_path,
+        [f"ckpt_path={wrong}", "model.name=resnet8", "data=cifar10", "data.synthetic=true"],
     )
     with pytest.raises(ValueError, match=r"(?s)'resnet8'.*'wrn_16_1'"):
         run(cfg)
@@ -264,6 +290,7 @@ def test_incomplete_model_card_fails_before_evaluating(tmp_path):
     cfg = compose_eval(tmp_path, [*cheap(tmp_path / "missing.pth"), "card.id=X2026Y_Z"])
     with pytest.raises(ValueError, match=r"link must be str.*card\.link"):
         run(cfg)
-    cfg = compose_eval(tmp_path, [*cheap(tmp_path / "missing.pth"), *CARD, "data=fmnist"])
+    checkpoint = save_network(tmp_path / "net.pth")
+    cfg = compose_eval(tmp_path, [*cheap(checkpoint), *CARD, "data=fmnist"])
     with pytest.raises(ValueError, match="model cards exist for.*not 'fmnist'"):
         run(cfg)
