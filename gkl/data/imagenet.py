@@ -21,8 +21,16 @@ from gkl.data.base import ImageDataModule
 from gkl.data.datasets import TransformSubset
 
 
+class _UnitFloat(torch.nn.Module):
+    """uint8 image -> float32 ``x / 255`` (torchvision's ``ToTensor`` arithmetic, bit for bit;
+    ``ToDtype(scale=True)`` multiplies by 1/255 and differs in the last bit)."""
+
+    def forward(self, image: Tensor) -> Tensor:
+        return image.to(torch.float32).div(255)
+
+
 def _to_float() -> list[Callable[[Any], Any]]:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.ToPureTensor()]
+    return [v2.ToImage(), v2.ToPureTensor(), _UnitFloat()]
 
 
 def train_transform() -> v2.Compose:

@@ -120,7 +120,7 @@ def model_card(
     if footnote:
         card["footnote"] = footnote
     card["unreliable"] = unreliable
-    validate_model_card(card)
+    validate_model_card(card, submission=True)
     return card
 
 
@@ -129,10 +129,12 @@ def _type_name(expected: type | tuple[type, ...]) -> str:
     return " or ".join("null" if t is type(None) else t.__name__ for t in types)
 
 
-def validate_model_card(card: dict[str, Any]) -> None:
+def validate_model_card(card: dict[str, Any], *, submission: bool = False) -> None:
     """Raise ``ValueError`` listing every missing, unknown or ill-typed/ill-formatted field.
 
-    Accepts RobustBench's real L-inf/L2 cards as they are in its repository's ``model_info``.
+    Accepts RobustBench's real L-inf/L2 cards as they are in its repository's ``model_info``
+    (its ``Standard`` cards have empty ``authors``); ``submission=True`` (what gkl writes) also
+    requires non-empty ``link``, ``name``, ``authors``, ``venue`` and ``architecture``.
     """
     problems = [f"missing field {key!r}" for key in CARD_FIELDS if key not in card]
     allowed = CARD_FIELDS | OPTIONAL_FIELDS
@@ -145,7 +147,8 @@ def validate_model_card(card: dict[str, Any]) -> None:
             problems.append(f"{key} must be {_type_name(expected)}, got {value!r}")
     if problems:
         raise ValueError("invalid model card: " + "; ".join(problems))
-    for key in ("link", "name", "authors", "venue", "architecture"):
+    required = ("link", "name", "authors", "venue", "architecture") if submission else ("name",)
+    for key in required:
         if not card[key].strip():
             problems.append(f"{key} must not be empty")
     if card["number_forward_passes"] < 1:
@@ -170,7 +173,7 @@ def write_model_card(
     card: dict[str, Any], root: str | Path, dataset: str, threat_model: str, name: str
 ) -> Path:
     """Validate ``card``; write it to ``root/model_info/<dataset>/<threat_model>/<name>.json``."""
-    validate_model_card(card)
+    validate_model_card(card, submission=True)
     if card["dataset"] != dataset:
         raise ValueError(f"card is for dataset {card['dataset']!r}, not {dataset!r}")
     if threat_model not in THREAT_MODELS:
