@@ -514,6 +514,19 @@ def test_eval_export_robustbench_writes_a_zoo_ready_submission(tmp_path):
     assert "WideResNet(depth=16, widen_factor=1" in Path(files["zoo_entry"]).read_text()
     assert json.loads(Path(files["model_card"]).read_text())["architecture"] == "WideResNet-16-1"
 
+    # The same files from the evaluation's results.json, by scripts/export_robustbench.py.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import export_robustbench
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    results = tmp_path / "run" / RESULTS_FILE
+    bare_file = ["data=cifar10", "model.name=wrn_16_1", "model.mean=[0,0,0]", "model.std=[1,1,1]"]
+    again = export_robustbench.main(
+        [str(results), "--out", str(tmp_path / "again"), "--", *bare_file]
+    )
+    assert Path(again["weights"]).read_bytes() == Path(files["weights"]).read_bytes()
+
     normalised = [o for o in overrides if not o.startswith(("model.mean", "model.std"))]
     with pytest.raises(ValueError, match="model.normalize=false"):
         run(compose_eval(tmp_path, normalised))
