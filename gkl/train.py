@@ -8,7 +8,6 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning.pytorch as pl
@@ -17,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gkl.config import CONFIG_DIR
+from gkl.data.build import build_datamodule
 from gkl.tasks.speed import apply_speed, check_distributed, exclude_rank_local_buffers
 
 log = logging.getLogger(__name__)
@@ -25,29 +25,8 @@ log = logging.getLogger(__name__)
 # state_dict), so Lightning's "dataloader is not resumable" warning does not apply.
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
 
-# Keys of the data config that describe the data set for interpolation (model.num_classes:
-# ${data.num_classes}) rather than arguments of the DataModule.
-DATA_META_KEYS = ("num_classes", "mean", "std", "input_shape")
 SMOKE_METRICS_FILE = "metrics.smoke.json"
 METRICS_FILE = "metrics.json"
-
-
-def build_datamodule(data_cfg: DictConfig) -> pl.LightningDataModule:
-    """Instantiate the DataModule from ``data_cfg`` without its descriptive keys."""
-    args = {k: v for k, v in data_cfg.items() if k not in DATA_META_KEYS}
-    datamodule = instantiate(OmegaConf.create(args))
-    for key in ("num_classes", "mean", "std"):
-        declared = data_cfg.get(key)
-        actual = getattr(datamodule, key, None)
-        if declared is not None and actual is not None and _as_tuple(declared) != _as_tuple(actual):
-            raise ValueError(
-                f"data.{key}={declared} in the config disagrees with the data module's {actual}"
-            )
-    return datamodule
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(float(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def has_teacher(cfg: DictConfig) -> bool:

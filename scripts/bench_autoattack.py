@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from pyautoattack import AutoAttack
 
-from gkl.attacks import parse_eps
+from gkl.attacks import ThreatModel
 from gkl.config import compose_config
+from gkl.data.build import build_datamodule
 from gkl.evaluate import run_autoattack
 from gkl.evaluate.run import load_model, test_tensors
-from gkl.train import build_datamodule
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -52,7 +52,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str]) -> None:
     args, overrides = parse_args(argv)
-    eps = parse_eps(args.eps, norm=args.norm)
+    eps = ThreatModel.parse(args.eps, args.norm).eps
     cfg = compose_config("eval.yaml", [f"ckpt_path={args.ckpt}", "paths.output_dir=.", *overrides])
     x, y = test_tensors(build_datamodule(cfg.data), args.n_examples)
     model = load_model(cfg.model, args.ckpt, cfg.weights)

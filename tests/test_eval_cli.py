@@ -6,6 +6,7 @@ import enum
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import types
@@ -15,12 +16,19 @@ import numpy as np
 import pytest
 import torch
 
-from gkl.config import compose_config
+from gkl.config import CONFIG_DIR, compose_config
 from gkl.evaluate import autoattack_runner, validate_model_card
 from gkl.evaluate.robustbench_backend import robustbench_available
-from gkl.evaluate.run import RESULTS_FILE, SMOKE_RESULTS_FILE, checkpoint_prefix, load_model, run
+from gkl.evaluate.run import (
+    RESULTS_FILE,
+    SMOKE_RESULTS_FILE,
+    build_model,
+    read_source,
+    resolve_config,
+    run,
+)
 from gkl.models import create_model
-from gkl.train import CONFIG_DIR
+from gkl.models.wrappers import CIFAR10_MEAN, CIFAR10_STD, Normalized
 
 ROOT = Path(CONFIG_DIR).parent
 CARD = [
@@ -67,7 +75,7 @@ def compose_eval(tmp_path: Path, overrides: list[str]):
         [
             f"paths.root_dir={tmp_path}",
             f"paths.output_dir={tmp_path / 'run'}",
-            "data.num_workers=0",
+            "++data.num_workers=0",
             *overrides,
         ],
     )
@@ -76,6 +84,7 @@ def compose_eval(tmp_path: Path, overrides: list[str]):
 def cheap(checkpoint: Path, n: int = 24) -> list[str]:
     return [
         f"ckpt_path={checkpoint}",
+        "data=cifar10",
         *MLP,
         f"n_examples={n}",
         "batch_size=12",
@@ -94,7 +103,7 @@ def test_cli_writes_results_and_a_valid_model_card(tmp_path):
             "eval.py",
             *cheap(checkpoint),
             *CARD,
-            "data.num_workers=0",
+            "++data.num_workers=0",
             f"paths.root_dir={tmp_path}",
             f"hydra.run.dir={tmp_path / 'out'}",
         ],
@@ -120,23 +129,40 @@ def test_cli_writes_results_and_a_valid_model_card(tmp_path):
     assert "custom" in card["footnote"] and "first 24 test images" in card["footnote"]
 
 
+def load_model(cfg, weights: str = "auto"):
+    """The model eval.py would evaluate for ``cfg`` (checkpoint read once, run config merged)."""
+    source = read_source(cfg)
+    _, model_cfg = resolve_config(cfg, source)
+    return build_model(model_cfg, source, weights)
+
+
+def lightning_checkpoint(path: Path, trained: dict, averaged: dict | None = None) -> Path:
+    """A checkpoint laid out as gkl's tasks save it: task.model (Normalized) and task.ema_model."""
+    state = {f"model.model.{k}": v for k, v in trained.items()}
+    if averaged is not None:
+        state |= {f"ema_model.model.{k}": v for k, v in averaged.items()}
+    torch.save({"state_dict": state, "epoch": 3}, path)
+    return path
+
+
 def test_lightning_checkpoint_gives_the_ema_weights_unless_told_otherwise(tmp_path):
     trained = create_model("resnet8", 10).state_dict()  # with BN buffers
     averaged = {k: v + 1 if v.is_floating_point() else v for k, v in trained.items()}
-    state = {f"model.model.{k}": v for k, v in trained.items()}
-    state |= {f"ema_model.model.{k}": v for k, v in averaged.items()}
-    path = tmp_path / "last.ckpt"
-    torch.save({"state_dict": state, "epoch": 3}, path)
-    cfg = compose_eval(tmp_path, [f"ckpt_path={path}", "model.name=resnet8"])
-    assert checkpoint_prefix(path) == "ema_model.model."
-    for weights, expected in (("auto", averaged), ("ema", averaged), ("model", trained)):
-        model = load_model(cfg.model, path, weights)
-        assert not model.training
+    path = lightning_checkpoint(tmp_path / "last.ckpt", trained, averaged)
+    cfg = compose_eval(tmp_path, [f"ckpt_path={path}", "model.name=resnet8", "data=cifar10"])
+    for weights, expected, chosen in (
+        ("auto", averaged, "ema"),
+        ("ema", averaged, "ema"),
+        ("model", trained, "model"),
+    ):
+        model, what = load_model(cfg, weights)
+        assert not model.training and what == chosen
         for key, value in model.model.state_dict().items():
             assert torch.equal(value, expected[key]), (weights, key)
     plain = save_network(tmp_path / "plain.pth", name="resnet8")
-    with pytest.raises(ValueError, match="holds no EMA weights"):
-        load_model(cfg.model, plain, "ema")
+    cfg = compose_eval(tmp_path, [f"ckpt_path={plain}", "model.name=resnet8", "data=cifar10"])
+    with pytest.raises(ValueError, match=f"weights=ema but {plain} holds no EMA weights"):
+        load_model(cfg, "ema")
 
 
 def test_second_run_with_the_same_state_path_resumes_without_attacking(tmp_path, monkeypatch):
@@ -199,7 +225,7 @@ def test_robustbench_zoo_model_is_loaded_by_name(tmp_path, monkeypatch):
     settings = [*cheap(checkpoint, n=16)[1:], "data.synthetic=true"]
     reference_cfg = compose_eval(tmp_path, [*settings, f"ckpt_path={checkpoint}"])
     # The zoo serves the same network, normalisation included (as RobustBench's models do).
-    served = load_model(reference_cfg.model, checkpoint)
+    served, _ = load_model(reference_cfg)
     calls: list[dict] = []
     fake_robustbench_zoo(monkeypatch, calls, lambda: served)
     record = run(compose_eval(tmp_path, [*settings, "robustbench_model=Tiny2026Zoo"]))
@@ -213,7 +239,8 @@ def test_robustbench_zoo_model_is_loaded_by_name(tmp_path, monkeypatch):
     ]
     assert record["robustbench_model"] == "Tiny2026Zoo" and record["checkpoint"] is None
     assert record["architecture"] == "Tiny2026Zoo"
-    reference = run(compose_eval(tmp_path, [*settings, f"ckpt_path={checkpoint}"]))
+    own_state = f"state_path={tmp_path / 'reference_state.json'}"  # one state file per model
+    reference = run(compose_eval(tmp_path, [*settings, f"ckpt_path={checkpoint}", own_state]))
     for key in ("clean_acc", "pgd_acc", "autoattack_acc"):
         assert record[key] == reference[key], key
 
@@ -253,7 +280,8 @@ def test_eps_in_pixel_units_is_refused_before_any_work(tmp_path):
 def test_checkpoint_of_another_architecture_names_both(tmp_path):
     wrong = save_network(tmp_path / "wrn.pth", name="wrn_16_1")
     cfg = compose_eval(
-        tmp_path, [f"ckpt_path={wrong}", "model.name=resnet8", "data.synthetic=true"]
+        tmp_path,
+        [f"ckpt_path={wrong}", "model.name=resnet8", "data=cifar10", "data.synthetic=true"],
     )
     with pytest.raises(ValueError, match=r"(?s)'resnet8'.*'wrn_16_1'"):
         run(cfg)
@@ -264,6 +292,279 @@ def test_incomplete_model_card_fails_before_evaluating(tmp_path):
     cfg = compose_eval(tmp_path, [*cheap(tmp_path / "missing.pth"), "card.id=X2026Y_Z"])
     with pytest.raises(ValueError, match=r"link must be str.*card\.link"):
         run(cfg)
-    cfg = compose_eval(tmp_path, [*cheap(tmp_path / "missing.pth"), *CARD, "data=fmnist"])
+    checkpoint = save_network(tmp_path / "net.pth")
+    cfg = compose_eval(tmp_path, [*cheap(checkpoint), *CARD, "data=fmnist"])
     with pytest.raises(ValueError, match="model cards exist for.*not 'fmnist'"):
+        run(cfg)
+
+
+# ----------------------------------------------------------------------------- the run alone
+
+
+def train_run(tmp_path: Path, overrides: list[str]) -> Path:
+    """A real (tiny) train.py run; returns its last.ckpt (config.yaml lies in the run dir)."""
+    from gkl.train import run as train
+
+    cfg = compose_config(
+        "train.yaml",
+        [
+            f"paths.root_dir={tmp_path}",
+            f"paths.output_dir={tmp_path / 'train'}",
+            "~callbacks.progress_bar",
+            "~callbacks.lr_monitor",
+            "logger=none",
+            "trainer.max_epochs=1",
+            "test=false",
+            *overrides,
+        ],
+    )
+    train(cfg)
+    checkpoint = tmp_path / "train" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file() and (tmp_path / "train" / "config.yaml").is_file()
+    return checkpoint
+
+
+AA_CHEAP = ["pgd.steps=2", "autoattack.version=custom", "autoattack.attacks=[apgd-ce]"]
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").exists(),
+    reason="needs `apt-get install dataset-fashion-mnist`",
+)
+def test_eval_of_a_fashion_mnist_run_needs_only_the_checkpoint(tmp_path):
+    checkpoint = train_run(
+        tmp_path,
+        [
+            "+experiment=fmnist_gkl_at",
+            "model.name=fmnist_mlp",
+            "data.train_subset=100",
+            "data.val_size=50",
+            "data.batch_size=50",
+            "data.num_workers=0",
+            "task.steps=1",
+            "task.ema_decay=0.5",
+            "task.val_pgd_subset=0",
+        ],
+    )
+    record = run(compose_eval(tmp_path, [f"ckpt_path={checkpoint}", "n_examples=20", *AA_CHEAP]))
+    assert record["dataset"] == "fmnist" and record["architecture"] == "fmnist_mlp"
+    assert record["weights"] == "ema" and record["n_examples"] == 20
+    assert "NOT_A_RESULT" not in record  # real Fashion-MNIST test images
+    # The model eval.py built is the run's: same normalisation and the EMA weights.
+    model, _ = load_model(compose_eval(tmp_path, [f"ckpt_path={checkpoint}"]))
+    assert model.mean.flatten().tolist() == pytest.approx([0.2860])
+    saved = torch.load(checkpoint, weights_only=True)["state_dict"]
+    for key, value in model.model.state_dict().items():
+        assert torch.equal(value, saved[f"ema_model.model.{key}"]), key
+
+
+def test_eval_of_a_cifar_run_needs_only_the_checkpoint(tmp_path):
+    checkpoint = train_run(
+        tmp_path,
+        [
+            "data=cifar10",
+            "data.synthetic=true",
+            "+data.synthetic_sizes=[64,16,32]",
+            "data.num_workers=0",
+            "model.in_channels=3",
+            "+model.image_size=32",
+        ],
+    )
+    record = run(compose_eval(tmp_path, [f"ckpt_path={checkpoint}", "n_examples=16", *AA_CHEAP]))
+    assert record["dataset"] == "cifar10" and record["architecture"] == "fmnist_mlp"
+    assert record["weights"] == "model" and "NOT_A_RESULT" in record  # synthetic run
+    model, _ = load_model(compose_eval(tmp_path, [f"ckpt_path={checkpoint}"]))
+    assert tuple(model.mean.flatten().tolist()) == pytest.approx(CIFAR10_MEAN)
+
+    # Explicit settings win where they do not contradict the run; contradictions are errors.
+    ok = run(
+        compose_eval(
+            tmp_path,
+            [f"ckpt_path={checkpoint}", "n_examples=8", "++data.batch_size=4", *AA_CHEAP]
+            + [f"state_path={tmp_path / 'second.json'}"],
+        )
+    )
+    assert ok["n_examples"] == 8
+    with pytest.raises(ValueError, match=r"model\.name='resnet8' disagrees with the run.*fmnist"):
+        run(compose_eval(tmp_path, [f"ckpt_path={checkpoint}", "model.name=resnet8"]))
+    with pytest.raises(ValueError, match=r"data\.dataset='cifar100' disagrees with the run"):
+        run(compose_eval(tmp_path, [f"ckpt_path={checkpoint}", "data=cifar100"]))
+
+
+def test_model_name_is_required_without_a_run_config(tmp_path):
+    checkpoint = save_network(tmp_path / "net.pth")
+    with pytest.raises(ValueError, match=r"model\.name is required.*no run config\.yaml"):
+        run(compose_eval(tmp_path, [f"ckpt_path={checkpoint}", "data=cifar10"]))
+    with pytest.raises(ValueError, match=r"no data set: set data="):
+        run(compose_eval(tmp_path, [f"ckpt_path={checkpoint}", "model.name=fmnist_mlp"]))
+
+
+def test_checkpoint_hyper_parameters_and_run_config_must_agree(tmp_path):
+    run_dir = tmp_path / "r"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(0)
+    net = create_model("fmnist_mlp", 10, in_channels=3, image_size=32)
+    state = {f"model.model.{k}": v for k, v in net.state_dict().items()}
+    hparams = {"model": {"name": "resnet8"}}
+    path = run_dir / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
+    (run_dir / "config.yaml").write_text("model:\n  name: fmnist_mlp\n")
+    with pytest.raises(ValueError, match=r"model\.name is 'fmnist_mlp' in .*config\.yaml but"):
+        run(compose_eval(tmp_path, [f"ckpt_path={path}", "data=cifar10"]))
+
+
+# ----------------------------------------------------------------------------- state binding
+
+
+def test_autoattack_state_of_model_a_is_refused_for_model_b_and_other_weights(tmp_path):
+    fake_cifar10(tmp_path)
+    torch.manual_seed(0)
+    kwargs = {"in_channels": 3, "image_size": 32}
+    a = create_model("fmnist_mlp", 10, **kwargs).state_dict()
+    a_ema = {k: v * 0.9 for k, v in a.items()}
+    torch.manual_seed(1)
+    b = create_model("fmnist_mlp", 10, **kwargs).state_dict()
+    ckpt_a = lightning_checkpoint(tmp_path / "a.ckpt", a, a_ema)
+    ckpt_b = lightning_checkpoint(tmp_path / "b.ckpt", b)
+    state = tmp_path / "aa.json"
+    common = [*cheap(ckpt_a)[1:], f"state_path={state}"]
+    first = run(compose_eval(tmp_path, [f"ckpt_path={ckpt_a}", "weights=model", *common]))
+    written = state.read_text()
+    for other in ([f"ckpt_path={ckpt_b}"], [f"ckpt_path={ckpt_a}", "weights=ema"]):
+        with pytest.raises(ValueError, match=rf"another model.*Delete {re.escape(str(state))}"):
+            run(compose_eval(tmp_path, [*other, *common]))
+        assert state.read_text() == written  # the state is left as it was
+    again = run(compose_eval(tmp_path, [f"ckpt_path={ckpt_a}", "weights=model", *common]))
+    assert again["autoattack_resumed"] and again["autoattack_acc"] == first["autoattack_acc"]
+
+
+# ----------------------------------------------------------------------------- verdict and card
+
+
+def saturated_checkpoint(tmp_path: Path, n: int = 24) -> Path:
+    """An MLP whose logits are scaled by 1e4 (saturated softmax: CE gradients vanish, so PGD-CE
+    looks robust while APGD-DLR is not fooled) and CIFAR test labels equal to its predictions."""
+    torch.manual_seed(0)
+    net = create_model("fmnist_mlp", 10, in_channels=3, image_size=32)
+    last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(1e4)
+        last.bias.mul_(1e4)
+    folder = fake_cifar10(tmp_path, n=n) / "cifar-10-batches-py"
+    batch = pickle.loads((folder / "test_batch").read_bytes())
+    x = torch.tensor(np.asarray(batch["data"])).float().div(255).view(n, 3, 32, 32)
+    with torch.no_grad():
+        batch["labels"] = Normalized(net, CIFAR10_MEAN, CIFAR10_STD)(x).argmax(1).tolist()
+    (folder / "test_batch").write_bytes(pickle.dumps(batch))
+    return lightning_checkpoint(tmp_path / "masked.ckpt", net.state_dict())
+
+
+def test_unreliable_result_writes_no_card_unless_allowed(tmp_path):
+    checkpoint = saturated_checkpoint(tmp_path)
+    settings = [
+        *cheap(checkpoint),
+        "autoattack.attacks=[apgd-ce,apgd-dlr]",
+        "eps=16/255",
+        *CARD,
+    ]
+    with pytest.raises(RuntimeError, match=r"no model card for an unreliable result.*masking"):
+        run(compose_eval(tmp_path, settings))
+    record = json.loads((tmp_path / "run" / RESULTS_FILE).read_text())
+    assert record["gradient_masking"] and record["unreliable"] and record["model_card"] is None
+    assert record["clean_acc"] == 1.0 and record["pgd_acc"] - record["autoattack_acc"] > 0.10
+    assert not (tmp_path / "run" / "model_info").exists()
+
+    record = run(compose_eval(tmp_path, [*settings, "allow_unreliable=true"]))
+    card = json.loads(Path(record["model_card"]).read_text())
+    validate_model_card(card)
+    assert card["unreliable"] is True
+    assert "Unreliable evaluation: possible gradient masking" in card["footnote"]
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@pytest.mark.skipif(not robustbench_available(), reason="robustbench not installed")
+@pytest.mark.filterwarnings("ignore:pkg_resources is deprecated")
+def test_eval_export_robustbench_writes_a_zoo_ready_submission(tmp_path):
+    fake_cifar10(tmp_path, n=8)
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "wrn.pth"
+    torch.save({"model": create_model("wrn_16_1", 10).state_dict()}, checkpoint)
+    overrides = [
+        f"ckpt_path={checkpoint}",
+        "data=cifar10",
+        "model.name=wrn_16_1",
+        "model.mean=[0,0,0]",  # trained without normalisation, as RobustBench's WideResNet
+        "model.std=[1,1,1]",
+        "n_examples=8",
+        "batch_size=8",
+        *AA_CHEAP,
+        *CARD[1:],
+        "card.id=Nobody2026Tiny_WRN-16-1",
+        "export=robustbench",
+        "allow_unreliable=true",  # a random WRN may predict one class: the export is under test
+    ]
+    record = run(compose_eval(tmp_path, overrides))
+    files = record["export"]
+    saved = torch.load(files["weights"], weights_only=True)
+    wide_resnet = pytest.importorskip("robustbench.model_zoo.architectures.wide_resnet")
+    theirs = wide_resnet.WideResNet(depth=16, widen_factor=1, num_classes=10)
+    theirs.load_state_dict(saved["state_dict"], strict=True)
+    assert "WideResNet(depth=16, widen_factor=1" in Path(files["zoo_entry"]).read_text()
+    assert json.loads(Path(files["model_card"]).read_text())["architecture"] == "WideResNet-16-1"
+
+    # The same files from the evaluation's results.json, by scripts/export_robustbench.py.
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import export_robustbench
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    results = tmp_path / "run" / RESULTS_FILE
+    bare_file = ["data=cifar10", "model.name=wrn_16_1", "model.mean=[0,0,0]", "model.std=[1,1,1]"]
+    again = export_robustbench.main(
+        [str(results), "--out", str(tmp_path / "again"), "--", *bare_file]
+    )
+    assert Path(again["weights"]).read_bytes() == Path(files["weights"]).read_bytes()
+
+    normalised = [o for o in overrides if not o.startswith(("model.mean", "model.std"))]
+    with pytest.raises(ValueError, match="model.normalize=false"):
+        run(compose_eval(tmp_path, normalised))
+
+
+# ----------------------------------------------------------------------------- more bad input
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("n_examples=0", "n_examples must be a positive integer, got 0"),
+        ("batch_size=0", "batch_size must be a positive integer, got 0"),
+        ("export=onnx", "unknown export 'onnx'"),
+    ],
+)
+def test_bad_sizes_and_options_fail_before_any_work(tmp_path, override, message):
+    cfg = compose_eval(tmp_path, ["ckpt_path=/nonexistent.pth", "data=cifar10", override])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run(cfg)
+
+
+def test_more_images_than_the_protocol_for_a_card_is_refused(tmp_path):
+    checkpoint = save_network(tmp_path / "net.pth")
+    fake_cifar10(tmp_path)
+    cfg = compose_eval(tmp_path, [*cheap(checkpoint), *CARD, "n_examples=10001"])
+    with pytest.raises(ValueError, match=r"n_examples=10001 exceeds RobustBench's cifar10"):
+        run(cfg)
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "random"])
+def test_unreadable_checkpoints_name_the_file(tmp_path, kind):
+    good = save_network(tmp_path / "good.pth").read_bytes()
+    path = tmp_path / f"{kind}.ckpt"
+    rng = np.random.default_rng(0)
+    path.write_bytes(
+        {"empty": b"", "truncated": good[: len(good) // 2], "random": rng.bytes(4096)}[kind]
+    )
+    cfg = compose_eval(tmp_path, [f"ckpt_path={path}", "data=cifar10", *MLP])
+    with pytest.raises(ValueError, match=rf"checkpoint {re.escape(str(path))}"):
         run(cfg)

@@ -116,9 +116,9 @@ def test_clean_and_pgd_accuracy(digits):
     with torch.no_grad():
         expected = (model(x).argmax(1) == y).float().mean().item()
     assert clean_accuracy(model, x, y, batch_size=50) == pytest.approx(expected)
-    robust = pgd_accuracy(model, x, y, eps="8/255", steps=10, batch_size=100)
+    robust = pgd_accuracy(model, x, y, eps=8 / 255, steps=10, batch_size=100)
     assert 0.5 < robust < expected
-    assert robust == pgd_accuracy(model, x, y, eps="8/255", steps=10, batch_size=100)
+    assert robust == pgd_accuracy(model, x, y, eps=8 / 255, steps=10, batch_size=100)
 
 
 # ---------------------------------------------------------------- AutoAttack
@@ -133,7 +133,7 @@ def test_autoattack_wrapper_matches_pyautoattack(digits):
     )
     x_direct, y_direct = direct.run_standard_evaluation(x, y, batch_size=16)
     ours = run_autoattack(
-        model, x, y, eps="16/255", version="custom", attacks=attacks, batch_size=16, seed=0
+        model, x, y, eps=16 / 255, version="custom", attacks=attacks, batch_size=16, seed=0
     )
     assert torch.equal(ours.robust, (y_direct == y).cpu())
     assert torch.equal(ours.x_adv, x_direct)
@@ -191,10 +191,17 @@ def test_autoattack_resumes_after_kill_with_identical_results(digits, tmp_path):
     assert torch.equal(again.robust, reference.robust)
     assert finished_model.calls == 1  # only check_protocol's forward pass
 
+    same = CountingModel(model).eval()
     with pytest.raises(ValueError, match="different evaluation"):
-        run_autoattack(model, x, y, **{**kwargs, "eps": 8 / 255}, state_path=state_path)
+        run_autoattack(same, x, y, **{**kwargs, "eps": 8 / 255}, state_path=state_path)
     with pytest.raises(ValueError, match="data_sha256"):
-        run_autoattack(model, x.flip(0), y.flip(0), **kwargs, state_path=state_path)
+        run_autoattack(same, x.flip(0), y.flip(0), **kwargs, state_path=state_path)
+    # Another model (here: other weights) is refused, naming the file to delete.
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[1].weight.mul_(1.01)
+    with pytest.raises(ValueError, match=rf"another model.*Delete {re.escape(str(state_path))}"):
+        run_autoattack(CountingModel(other).eval(), x, y, **kwargs, state_path=state_path)
 
 
 def test_pyautoattack_native_resume_is_still_broken(digits, tmp_path):
@@ -242,7 +249,7 @@ def test_evaluate_reports_consistent_accuracies(digits, recwarn):
         model,
         x,
         y,
-        eps="8/255",
+        eps=8 / 255,
         pgd_steps=10,
         autoattack_version="custom",
         attacks=["apgd-ce"],
@@ -322,7 +329,7 @@ def _card(**overrides):
         "architecture": "WideResNet-28-10",
         "venue": "arXiv, Mar 2025",
         "dataset": "cifar10",
-        "eps": "8/255",
+        "eps": 8 / 255,
         "clean_acc": 0.85312,
         "autoattack_acc": 0.5,
         "reported": 0.5523,
@@ -333,7 +340,7 @@ def _card(**overrides):
 
 def test_model_card_fields_and_formatting(tmp_path):
     card = _card()
-    assert list(card) == list(CARD_FIELDS)
+    assert list(card) == [*CARD_FIELDS, "unreliable"]  # no footnote: omitted when empty
     assert card["eps"] == "8/255"
     assert card["clean_acc"] == "85.31"
     assert card["autoattack_acc"] == "50.00"
@@ -351,18 +358,17 @@ def test_model_card_fields_and_formatting(tmp_path):
 
 def test_eps_to_fraction_string():
     assert eps_to_fraction_string(8 / 255) == "8/255"
-    assert eps_to_fraction_string("4/255") == "4/255"
+    assert eps_to_fraction_string(4 / 255) == "4/255"
     assert eps_to_fraction_string(torch.tensor(8 / 255).item()) == "8/255"  # float32 round-off
     assert eps_to_fraction_string(0.0) == "0/255"
     assert eps_to_fraction_string(0.5, norm="L2") == "0.5"
-    with pytest.warns(UserWarning, match="differs from 8/255"):
-        assert eps_to_fraction_string(0.031) == "0.031"
+    assert eps_to_fraction_string(0.031) == "0.031"  # parsed (and warned about) by the caller
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"clean_acc": "85.3"}, "two decimals"),
+        ({"clean_acc": "85.312"}, "percentage like '85.31'"),
         ({"clean_acc": 85.31}, "clean_acc must be str"),
         ({"additional_data": "yes"}, "additional_data must be bool"),
         ({"number_forward_passes": True}, "number_forward_passes must be int"),
@@ -382,8 +388,8 @@ def test_validate_model_card_rejects(change, message):
 
 def test_validate_model_card_missing_field_and_write_errors(tmp_path):
     card = _card()
-    with pytest.raises(ValueError, match="missing field 'footnote'"):
-        validate_model_card({k: v for k, v in card.items() if k != "footnote"})
+    with pytest.raises(ValueError, match="missing field 'autoattack_acc'"):
+        validate_model_card({k: v for k, v in card.items() if k != "autoattack_acc"})
     with pytest.raises(ValueError, match="fractions in"):
         _card(clean_acc=85.31)
     with pytest.raises(ValueError, match="not 'cifar100'"):
@@ -415,7 +421,7 @@ def test_robustbench_backend_offline(digits, monkeypatch):
     monkeypatch.setattr(autoattack_compat, "run_autoattack", recording_run_autoattack)
     clean, robust = robustbench_benchmark(
         model,
-        eps="32/255",
+        eps=32 / 255,
         n_examples=16,
         x_test=x,
         y_test=y,

@@ -7,6 +7,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 _INT = re.compile(r"^[+-]?\d+$")
 _SAME = 1e-6  # tolerance for "equal": float32 round-off of k/255 (<= 6e-8) counts as equal
@@ -99,10 +100,38 @@ def parse_eps(value: float | int | str, *, norm: str = "Linf", name: str = "eps"
     return number
 
 
+THREAT_NORMS = ("Linf", "L2")
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """A parsed perturbation budget: ``eps`` (a float, [0, 1] pixel units for Linf) and ``norm``.
+
+    Build it with :meth:`parse` where the user types the budget (a config, a command line);
+    attacks and evaluation then take ``threat.eps`` as a plain float and never parse again.
+    """
+
+    eps: float
+    norm: str = "Linf"
+
+    @classmethod
+    def parse(cls, eps: float | int | str, norm: str = "Linf", name: str = "eps") -> ThreatModel:
+        """:func:`parse_eps` (``"8/255"`` accepted, ``8`` refused, ``0.031`` warns) plus the
+        norm check (``Linf`` or ``L2``)."""
+        if norm not in THREAT_NORMS:
+            raise ValueError(f"unknown norm {norm!r}; valid choices: {list(THREAT_NORMS)}")
+        return cls(parse_eps(eps, norm=norm, name=name), norm)
+
+    def __str__(self) -> str:
+        """RobustBench's notation: ``"8/255"`` for Linf budgets k/255, else the decimal."""
+        k = as_k_over_255(self.eps)
+        return f"{k}/255" if self.norm == "Linf" and k is not None else f"{self.eps:g}"
+
+
 @contextmanager
 def quiet_eps_warnings() -> Iterator[None]:
-    """Silence :func:`parse_eps`'s "differs from k/255" warning (for re-parsing a value that a
-    caller has already parsed, and warned about, once)."""
+    """Silence :func:`parse_eps`'s "differs from k/255" warning. Deprecated: parse once with
+    :class:`ThreatModel` instead; kept only until gkl.tasks stops importing it."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_NEAR_MESSAGE, category=UserWarning)
         yield

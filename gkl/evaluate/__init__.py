@@ -1,18 +1,21 @@
 """Robustness evaluation: protocol checks, clean/PGD/AutoAttack accuracy, RobustBench cards.
 
-``gkl.evaluate.autoattack_compat`` (fra31 ``autoattack`` stand-in) and
-``gkl.evaluate.robustbench_backend`` (optional robustbench 1.1) are imported on demand.
+``gkl.evaluate.autoattack_compat`` (fra31 ``autoattack`` stand-in), ``gkl.evaluate.export``
+(RobustBench submission files) and ``gkl.evaluate.robustbench_backend`` (optional robustbench
+1.1) are imported on demand.
 """
 
 from gkl.evaluate.autoattack_runner import (
     AutoAttackResult,
     autoattack_accuracy,
+    model_fingerprint,
     run_autoattack,
 )
 from gkl.evaluate.model_card import (
     eps_to_fraction_string,
     model_card,
     percent_string,
+    robustbench_architecture,
     validate_model_card,
     write_model_card,
 )
@@ -24,7 +27,7 @@ from gkl.evaluate.protocol import (
     model_device,
     pgd_accuracy,
 )
-from gkl.evaluate.robustness import evaluate
+from gkl.evaluate.robustness import evaluate, verdict
 
 __all__ = [
     "AutoAttackResult",
@@ -37,9 +40,12 @@ __all__ = [
     "evaluate",
     "model_card",
     "model_device",
+    "model_fingerprint",
     "percent_string",
     "pgd_accuracy",
+    "robustbench_architecture",
     "run_autoattack",
     "validate_model_card",
+    "verdict",
     "write_model_card",
 ]

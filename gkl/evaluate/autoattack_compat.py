@@ -5,7 +5,9 @@ RobustBench 1.1 does ``from autoattack import AutoAttack`` and
 ``AutoAttack(model, norm=, eps=, version=, device=, log_path=)`` and
 ``run_standard_evaluation(x, y, bs=, state_path=)``, expecting ``x_adv`` back. Inside
 :func:`installed`, ``import autoattack`` resolves to this module and ``autoattack.state`` to
-``pyautoattack.state``; the attacks run through :func:`gkl.evaluate.run_autoattack`.
+``pyautoattack.state``; the attacks run through :func:`gkl.evaluate.run_autoattack`, i.e.
+pyautoattack (the same algorithm as fra31's package). ``installed(seed=s)`` makes ``s`` the seed
+of every ``AutoAttack`` built without one (RobustBench's ``benchmark`` passes none).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from torch import Tensor, nn
 from gkl.evaluate.autoattack_runner import run_autoattack
 
 __all__ = ["AutoAttack", "installed", "state"]
+
+_default_seed: int | None = None
 
 
 class AutoAttack:
@@ -51,7 +55,7 @@ class AutoAttack:
         self.model = model
         self.norm = norm
         self.epsilon = eps
-        self.seed = seed
+        self.seed = _default_seed if seed is None else seed
         self.verbose = verbose
         self.attacks_to_run = list(attacks_to_run)
         self.version = version
@@ -87,14 +91,18 @@ class AutoAttack:
 
 
 @contextmanager
-def installed() -> Iterator[None]:
-    """Make ``autoattack`` and ``autoattack.state`` importable as this shim while active."""
+def installed(seed: int | None = None) -> Iterator[None]:
+    """Make ``autoattack`` and ``autoattack.state`` importable as this shim while active, with
+    ``seed`` as the default seed of the ``AutoAttack`` objects built meanwhile."""
+    global _default_seed
     names = {"autoattack": sys.modules[__name__], "autoattack.state": state}
     saved = {name: sys.modules.get(name) for name in names}
+    saved_seed, _default_seed = _default_seed, seed
     sys.modules.update(names)
     try:
         yield
     finally:
+        _default_seed = saved_seed
         for name, module in saved.items():
             if module is None:
                 sys.modules.pop(name, None)

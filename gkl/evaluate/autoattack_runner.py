@@ -14,22 +14,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import torch
 from pyautoattack import AutoAttack
 from pyautoattack.autoattack import AttackName
 from torch import Tensor, nn
 
-from gkl.attacks import parse_eps
-from gkl.evaluate.protocol import check_protocol, model_device
+from gkl.evaluate.protocol import budget, check_protocol, check_sizes, model_device
+from gkl.io import atomic_write_text
 
 ATTACKS: tuple[str, ...] = get_args(AttackName)
 VERSIONS = ("standard", "plus", "rand", "custom")
-STATE_FORMAT = "gkl-autoattack-state/1"
+STATE_FORMAT = "gkl-autoattack-state/2"
+# Config keys that identify the model; a mismatch on them is reported as "another model".
+MODEL_KEYS = ("model_sha256", "tag")
 
 
 @dataclass(frozen=True)
@@ -75,25 +77,40 @@ class _State:
             "queue": self.queue,
             "done": self.done,
         }
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(record))
 
     @classmethod
     def load(cls, path: Path, config: dict) -> _State:
         """Read a state and check it was written for the same evaluation ``config``."""
-        record = json.loads(path.read_text())
-        if record.get("format") != STATE_FORMAT:
-            raise ValueError(f"{path} is not a {STATE_FORMAT} file")
-        diffs = ", ".join(
-            f"{key}: {record['config'].get(key)!r} in state vs {value!r} now"
-            for key, value in config.items()
-            if record["config"].get(key) != value
-        )
-        if diffs:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
             raise ValueError(
-                f"state {path} belongs to a different evaluation ({diffs}); "
-                "use the same settings or a new state_path"
+                f"cannot read the AutoAttack state {path} ({error}); delete it to start afresh "
+                "or set state_path=<another file>"
+            ) from None
+        if not isinstance(record, dict) or record.get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"{path} is not a {STATE_FORMAT} file (an older gkl or another tool wrote it): "
+                "delete it to start afresh or set state_path=<another file>"
+            )
+        stored = record["config"]
+        differs = [key for key in config if stored.get(key) != config[key]]
+        if differs:
+            what = (
+                "another model (its weights, architecture, normalisation or `weights` choice "
+                "differ)"
+                if set(differs) & set(MODEL_KEYS)
+                else "a different evaluation"
+            )
+            diffs = ", ".join(
+                f"{key}: {_short(stored.get(key))} in the state vs {_short(config[key])} now"
+                for key in differs
+            )
+            raise ValueError(
+                f"AutoAttack state {path} was written for {what} ({diffs}); resuming would "
+                f"report that evaluation's robust accuracy. Delete {path} to evaluate afresh, "
+                "or set state_path=<another file> (keep one state file per model)"
             )
         return cls(
             config=record["config"],
@@ -106,11 +123,33 @@ class _State:
         )
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _tensor_bytes(t: Tensor) -> bytes:
+    return t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes()
+
+
 def _fingerprint(*tensors: Tensor) -> str:
     """SHA-256 of the tensors' bytes (detects resuming on different data)."""
     digest = hashlib.sha256()
     for t in tensors:
-        digest.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+        digest.update(_tensor_bytes(t))
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the evaluated model: its module structure (``repr``: the architecture and the
+    wrappers) and every parameter and buffer by name, dtype, shape and value, non-persistent ones
+    included (a ``Normalized`` wrapper's mean and std)."""
+    digest = hashlib.sha256(repr(model).encode())
+    tensors = dict(model.named_parameters())
+    tensors |= dict(model.named_buffers())
+    for name, t in sorted(tensors.items()):
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(_tensor_bytes(t))
     return digest.hexdigest()
 
 
@@ -130,7 +169,7 @@ def run_autoattack(
     x: Tensor,
     y: Tensor,
     *,
-    eps: float | str,
+    eps: float,
     norm: str = "Linf",
     version: str = "standard",
     attacks: list[str] | None = None,
@@ -138,14 +177,53 @@ def run_autoattack(
     seed: int | None = 0,
     state_path: str | Path | None = None,
     device: str | torch.device | None = None,
+    tag: Mapping[str, Any] | None = None,
 ) -> AutoAttackResult:
-    """AutoAttack ``version`` (``attacks`` only with ``version="custom"``) on inputs in [0, 1].
+    """AutoAttack ``version`` (``attacks`` only with ``version="custom"``) on inputs in [0, 1],
+    after :func:`check_protocol` on the first batch.
 
     With ``state_path`` the evaluation is resumable: rerunning the same call after a kill skips
     the finished attacks and batches and gives the same result as an uninterrupted run (for a
-    fixed ``seed``). ``device`` defaults to the model's.
+    fixed ``seed``). The state is bound to the evaluation (eps, norm, attacks, seed, batch size,
+    data) and to the model (:func:`model_fingerprint`, plus ``tag``: e.g. the checkpoint's hash
+    and the ``weights`` choice); resuming with anything else is a ``ValueError`` naming the
+    state file. ``device`` defaults to the model's.
     """
-    eps = parse_eps(eps, norm=norm)
+    check_sizes(len(x), batch_size)
+    check_protocol(model, x[:batch_size])
+    return autoattack_run(
+        model,
+        x,
+        y,
+        eps=eps,
+        norm=norm,
+        version=version,
+        attacks=attacks,
+        batch_size=batch_size,
+        seed=seed,
+        state_path=state_path,
+        device=device,
+        tag=tag,
+    )
+
+
+def autoattack_run(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    norm: str,
+    version: str,
+    attacks: list[str] | None,
+    batch_size: int,
+    seed: int | None,
+    state_path: str | Path | None,
+    device: str | torch.device | None,
+    tag: Mapping[str, Any] | None,
+) -> AutoAttackResult:
+    """:func:`run_autoattack` without the protocol check (the caller has made it)."""
+    eps = budget(eps)
     if version not in VERSIONS:
         raise ValueError(f"unknown AutoAttack version {version!r}; valid: {', '.join(VERSIONS)}")
     if version == "custom" and not attacks:
@@ -153,7 +231,6 @@ def run_autoattack(
     unknown = sorted(set(attacks or ()) - set(ATTACKS))
     if unknown:
         raise ValueError(f"unknown attacks {unknown}; valid: {', '.join(ATTACKS)}")
-    check_protocol(model, x[:batch_size])
     device = torch.device(device) if device is not None else model_device(model)
     adversary = AutoAttack(
         model,
@@ -174,6 +251,8 @@ def run_autoattack(
         "batch_size": batch_size,
         "n_examples": len(x),
         "data_sha256": _fingerprint(x, y),
+        "model_sha256": model_fingerprint(model),
+        "tag": dict(tag or {}),
     }
     path = Path(state_path) if state_path is not None else None
     resumed = path is not None and path.exists()
@@ -220,7 +299,7 @@ def autoattack_accuracy(
     x: Tensor,
     y: Tensor,
     *,
-    eps: float | str,
+    eps: float,
     norm: str = "Linf",
     version: str = "standard",
     attacks: list[str] | None = None,
@@ -228,6 +307,7 @@ def autoattack_accuracy(
     seed: int | None = 0,
     state_path: str | Path | None = None,
     device: str | torch.device | None = None,
+    tag: Mapping[str, Any] | None = None,
 ) -> float:
     """Robust accuracy under AutoAttack; see :func:`run_autoattack` for the arguments."""
     return run_autoattack(
@@ -242,4 +322,5 @@ def autoattack_accuracy(
         seed=seed,
         state_path=state_path,
         device=device,
+        tag=tag,
     ).robust_accuracy

@@ -10,16 +10,20 @@ exposed: robustbench 1.1 reads the state back with ``EvaluationState.from_disk``
 from __future__ import annotations
 
 import importlib
-from contextlib import ExitStack
-from functools import partial
-from unittest import mock
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import Tensor, nn
 
-from gkl.attacks import parse_eps
 from gkl.evaluate import autoattack_compat
-from gkl.evaluate.protocol import check_eval_mode, check_protocol, model_device
+from gkl.evaluate.protocol import (
+    budget,
+    check_eval_mode,
+    check_protocol,
+    check_sizes,
+    model_device,
+)
 
 
 def _import_robustbench(module: str):
@@ -74,12 +78,33 @@ def load_zoo_model(
     return model.eval()
 
 
+@contextmanager
+def _local_test_set(dataset: str, x: Tensor, y: Tensor) -> Iterator[None]:
+    """Serve ``(x, y)`` as RobustBench's clean test set of ``dataset``: an entry in its loader
+    table ``robustbench.data._clean_dataset_loaders`` (what ``load_clean_dataset`` looks up on
+    every call), put back afterwards. RobustBench's own loaders would download the data."""
+    data = _import_robustbench("data")
+    enums = _import_robustbench("model_zoo.enums")
+    key = enums.BenchmarkDataset(dataset)
+
+    def load(n_examples: int | None, data_dir: str, prepr) -> tuple[Tensor, Tensor]:
+        return x[:n_examples], y[:n_examples]
+
+    loaders = data._clean_dataset_loaders
+    saved = loaders[key]
+    loaders[key] = load
+    try:
+        yield
+    finally:
+        loaders[key] = saved
+
+
 def robustbench_benchmark(
     model: nn.Module,
     *,
     dataset: str = "cifar10",
     threat_model: str = "Linf",
-    eps: float | str,
+    eps: float,
     n_examples: int = 10000,
     x_test: Tensor | None = None,
     y_test: Tensor | None = None,
@@ -87,28 +112,35 @@ def robustbench_benchmark(
     seed: int | None = 0,
     device: str | torch.device | None = None,
     data_dir: str = "./data",
+    preprocessing: str | None = None,
 ) -> tuple[float, float]:
     """(clean accuracy, AutoAttack-standard accuracy) from ``robustbench.eval.benchmark``.
 
-    With ``x_test``/``y_test`` (inputs in [0, 1]) the first ``n_examples`` of them replace
-    ``robustbench.eval.load_clean_dataset``, which would otherwise download the test set to
-    ``data_dir``. The model must be in eval mode (checked on the first batch when data is given).
-    AutoAttack uses ``seed`` (robustbench itself passes none, i.e. a time-based seed) and runs
-    on ``device`` (default: the model's; robustbench would move the model to the CPU).
+    RobustBench's ``benchmark`` runs with its ``autoattack`` import served by
+    :mod:`gkl.evaluate.autoattack_compat`, i.e. pyautoattack (same algorithm and numbers as
+    fra31's package), seeded with ``seed`` (robustbench itself passes none: a time-based seed).
+    With ``x_test``/``y_test`` (inputs in [0, 1]) the first ``n_examples`` of them are its test
+    set; otherwise its own loader reads (or downloads) ``data_dir``. ImageNet needs
+    ``preprocessing`` (RobustBench's names: Res256Crop224, BicubicRes256Crop224, Crop288,
+    Res224). The model must be in eval mode (checked on the first batch when data is given).
+    It runs on ``device`` (default: the model's; robustbench would move the model to the CPU).
     """
     if (x_test is None) != (y_test is None):
         raise ValueError("give both x_test and y_test, or neither")
+    if dataset == "imagenet" and preprocessing is None:
+        raise ValueError(
+            "RobustBench's ImageNet evaluation needs preprocessing= (one of Res256Crop224, "
+            "BicubicRes256Crop224, Crop288, Res224)"
+        )
+    eps = budget(eps)
     with ExitStack() as stack:
-        stack.enter_context(autoattack_compat.installed())
+        stack.enter_context(autoattack_compat.installed(seed=seed))
         rb_eval = _import_robustbench("eval")
-        adversary = partial(autoattack_compat.AutoAttack, seed=seed)
-        stack.enter_context(mock.patch.object(rb_eval, "AutoAttack", adversary))
         if x_test is not None:
             x, y = x_test[:n_examples], y_test[:n_examples]
+            check_sizes(len(x), batch_size)
             check_protocol(model, x[:batch_size])
-            stack.enter_context(
-                mock.patch.object(rb_eval, "load_clean_dataset", lambda *args, **kwargs: (x, y))
-            )
+            stack.enter_context(_local_test_set(dataset, x, y))
         else:
             check_eval_mode(model)
         return rb_eval.benchmark(
@@ -119,5 +151,6 @@ def robustbench_benchmark(
             data_dir=data_dir,
             device=torch.device(device) if device is not None else model_device(model),
             batch_size=batch_size,
-            eps=parse_eps(eps, norm=threat_model),
+            eps=eps,
+            preprocessing=preprocessing,
         )

@@ -1,19 +1,19 @@
 """Robustness evaluation entry point (``python eval.py``, config ``conf/eval.yaml``).
 
-Loads a checkpoint into the configured architecture, evaluates it in eval mode on the first
-``n_examples`` test images (clean, PGD, AutoAttack), writes ``results.json`` and, with
-``card.id`` set, a RobustBench model card ``<output_dir>/model_info/<dataset>/<norm>/<id>.json``.
-Synthetic data (smoke tests) give ``results.smoke.json`` marked ``NOT_A_RESULT`` and no card.
+One straight line: parse the threat model -> read the run (checkpoint once, its ``config.yaml``)
+-> data and model -> protocol check -> clean -> PGD -> AutoAttack -> one verdict -> one record
+(``results.json``) -> the RobustBench model card ``<output_dir>/model_info/<dataset>/<norm>/
+<card.id>.json`` (only for a reliable result, unless ``allow_unreliable``) -> with
+``export=robustbench`` the zoo-ready weights. Synthetic data (smoke tests) give
+``results.smoke.json`` marked ``NOT_A_RESULT`` and no card.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,61 +21,143 @@ import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
 
-from gkl.attacks import parse_eps, quiet_eps_warnings
+from gkl.attacks import ThreatModel, parse_number
+from gkl.config import CONFIG_DIR
 from gkl.data import FashionMNISTDataModule, ImageNetDataModule
-from gkl.evaluate.model_card import DATASETS, eps_to_fraction_string, model_card, write_model_card
-from gkl.evaluate.protocol import default_step_size, pgd_accuracy
-from gkl.evaluate.robustness import evaluate
-from gkl.models import load_mdistiller_checkpoint
-from gkl.train import CONFIG_DIR, build_datamodule
+from gkl.data.build import build_datamodule
+from gkl.data.imagenet import ROBUSTBENCH_IDS
+from gkl.evaluate.model_card import DATASETS, model_card, write_model_card
+from gkl.evaluate.protocol import check_sizes, default_step_size, pgd_accuracy
+from gkl.evaluate.robustness import evaluate, verdict
+from gkl.io import atomic_write_json
+from gkl.models.checkpoint import load_state_dict_strict, read_checkpoint, select_weights
+from gkl.models.wrappers import Normalized
 
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 SMOKE_RESULTS_FILE = "results.smoke.json"
+RUN_CONFIG_FILE = "config.yaml"  # what train.py writes in its output directory
 BACKENDS = ("gkl", "robustbench")
-WEIGHTS = ("auto", "ema", "model")
-# Lightning checkpoints of gkl's tasks: task.model (Normalized) holds the network as .model.
-MODEL_PREFIX = "model.model."
-EMA_PREFIX = "ema_model.model."
+EXPORTS = ("robustbench",)
 PROTOCOL_SIZE = {"cifar10": 10000, "cifar100": 10000, "imagenet": 5000}  # RobustBench
+DEFAULT_MODEL = {  # conf/model/zoo.yaml, for checkpoints without a run config
+    "_target_": "gkl.models.build.build_classifier",
+    "num_classes": "${data.num_classes}",
+    "mean": "${data.mean}",
+    "std": "${data.std}",
+}
+# Keys that say which data set a data config is; they must agree between the run and eval.py.
+DATA_IDENTITY = ("_target_", "dataset", "num_classes", "mean", "std", "input_shape")
 
 
-def checkpoint_prefix(path: str | Path, weights: str = "auto") -> str | None:
-    """Key prefix of the network to load from ``path``.
+@dataclass
+class Source:
+    """What is evaluated: a checkpoint (its state, hash and run config) or a zoo model name."""
 
-    Lightning checkpoints hold the trained network under ``model.model.`` and, when the task kept
-    an EMA, the average under ``ema_model.model.``: ``weights="auto"`` picks the EMA if present,
-    ``"ema"`` requires it, ``"model"`` takes the trained weights. Other files (``{"model": sd}``,
-    a bare state_dict) return ``None``: the loader finds the network itself.
-    """
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {list(WEIGHTS)}, got {weights!r}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    state = obj.get("state_dict") if isinstance(obj, Mapping) else None
-    has_ema = isinstance(state, Mapping) and any(k.startswith(EMA_PREFIX) for k in state)
-    if weights == "ema" and not has_ema:
-        raise ValueError(f"weights=ema but {path} holds no EMA weights ({EMA_PREFIX}*)")
-    if not isinstance(state, Mapping):
-        return None
-    return EMA_PREFIX if has_ema and weights != "model" else MODEL_PREFIX
+    ckpt_path: Path | None
+    state: Any = None
+    sha256: str | None = None
+    run_config: DictConfig | None = None
+    run_config_path: Path | None = None
+    zoo_name: str | None = None
 
 
-def load_model(model_cfg: DictConfig, path: str | Path, weights: str = "auto") -> nn.Module:
-    """Build ``model_cfg`` (a :class:`Normalized` classifier), load its network strictly from
-    ``path`` (a mismatch names the configured architecture and the checkpoint's) and return it in
-    eval mode."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (set ckpt_path=<file>)")
-    model = instantiate(model_cfg)
-    network = getattr(model, "model", model)
-    load_mdistiller_checkpoint(
-        network, path, arch_name=model_cfg.get("name"), prefix=checkpoint_prefix(path, weights)
-    )
-    return model.eval()
+def read_source(cfg: DictConfig) -> Source:
+    """Read the checkpoint once (clear errors for missing, empty, truncated or foreign files)
+    and the run's ``config.yaml`` (``<run>/config.yaml`` for ``<run>/checkpoints/x.ckpt``, or
+    beside the file)."""
+    zoo_name = cfg.get("robustbench_model")
+    if (cfg.get("ckpt_path") is None) == (zoo_name is None):
+        raise ValueError(
+            "give exactly one of ckpt_path=<checkpoint> and "
+            "robustbench_model=<RobustBench zoo name, e.g. Carmon2019Unlabeled>"
+        )
+    if zoo_name is not None:
+        return Source(ckpt_path=None, zoo_name=zoo_name)
+    path = Path(cfg.ckpt_path).expanduser()
+    state, sha256 = read_checkpoint(path)
+    source = Source(ckpt_path=path, state=state, sha256=sha256)
+    for candidate in (path.parent.parent / RUN_CONFIG_FILE, path.parent / RUN_CONFIG_FILE):
+        if candidate.is_file():
+            source.run_config = OmegaConf.load(candidate)
+            source.run_config_path = candidate
+            break
+    return source
+
+
+def _stored(source: Source, key: str) -> tuple[dict[str, Any], str]:
+    """The run's ``key`` section (``model`` / ``data``) from its config.yaml and the checkpoint's
+    hyper-parameters (which must agree), and where it came from."""
+    found: list[tuple[dict[str, Any], str]] = []
+    if source.run_config is not None and source.run_config.get(key) is not None:
+        section = OmegaConf.to_container(source.run_config[key], resolve=False)
+        found.append((section, str(source.run_config_path)))
+    hparams = source.state.get("hyper_parameters") if isinstance(source.state, Mapping) else None
+    if isinstance(hparams, Mapping) and isinstance(hparams.get(key), Mapping):
+        found.append((dict(hparams[key]), f"{source.ckpt_path} (hyper_parameters)"))
+    if len(found) == 2:
+        (a, where_a), (b, where_b) = found
+        clash = [k for k in a.keys() & b.keys() if a[k] != b[k]]
+        if clash:
+            raise ValueError(
+                f"{key}.{clash[0]} is {a[clash[0]]!r} in {where_a} but {b[clash[0]]!r} in "
+                f"{where_b}: the run's records disagree; give {key} explicitly"
+            )
+        return a | b, f"{where_a} and {where_b}"
+    return found[0] if found else ({}, "")
+
+
+def _explicit(section: DictConfig | None) -> dict[str, Any]:
+    """The keys a user set on the command line (``???`` and ``null`` placeholders dropped)."""
+    if section is None:
+        return {}
+    given = [k for k in section if not OmegaConf.is_missing(section, k)]
+    values = OmegaConf.to_container(section, resolve=True, throw_on_missing=False)
+    return {k: values[k] for k in given if values[k] is not None}
+
+
+def _merge(key: str, stored: dict, where: str, explicit: dict, identity=None) -> dict:
+    """``stored`` overlaid with ``explicit``; an explicit value of an identity key that differs
+    from the stored one is an error (it would evaluate another model or data set)."""
+    for k, value in explicit.items():
+        if (identity is None or k in identity) and k in stored and stored[k] != value:
+            raise ValueError(
+                f"{key}.{k}={value!r} disagrees with the run, which has {key}.{k}="
+                f"{stored[k]!r} ({where}); drop the override or evaluate the matching checkpoint"
+            )
+    return stored | explicit
+
+
+def resolve_config(cfg: DictConfig, source: Source) -> tuple[DictConfig, DictConfig]:
+    """(data config, model config): the run's (config.yaml / checkpoint hyper-parameters) with
+    the user's explicit settings on top; disagreements are errors."""
+    stored_data, data_where = _stored(source, "data") if source.state is not None else ({}, "")
+    stored_model, model_where = _stored(source, "model") if source.state is not None else ({}, "")
+    data = _merge("data", stored_data, data_where, _explicit(cfg.get("data")), DATA_IDENTITY)
+    if "_target_" not in data:
+        raise ValueError(
+            "no data set: set data=<cifar10|cifar100|imagenet|fmnist> (nothing found "
+            f"{'in ' + data_where if data_where else 'beside the checkpoint (no config.yaml)'})"
+        )
+    if data["_target_"].endswith("ImageNetDataModule"):  # RobustBench's ImageNet protocol
+        data.setdefault("test_ids", ROBUSTBENCH_IDS)
+        data["test_size"] = None
+        if cfg.get("preprocessing"):
+            data["preprocessing"] = cfg.preprocessing
+    model = _merge("model", stored_model, model_where, _explicit(cfg.get("model")))
+    if source.zoo_name is None:
+        model = {**DEFAULT_MODEL, **model} if not stored_model else model
+        if "name" not in model:
+            raise ValueError(
+                "model.name is required: the checkpoint's architecture, e.g. model.name="
+                "wrn_34_10 (gkl.models.list_models()); no run config.yaml was found beside "
+                f"{source.ckpt_path} to supply it"
+            )
+    tree = OmegaConf.create({"data": data, "model": model})
+    OmegaConf.resolve(tree)
+    return tree.data, tree.model
 
 
 def dataset_name(datamodule) -> str:
@@ -89,7 +171,7 @@ def dataset_name(datamodule) -> str:
     return type(datamodule).__name__
 
 
-def test_tensors(datamodule, n_examples: int) -> tuple[Tensor, Tensor]:
+def test_tensors(datamodule, n_examples: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n_examples`` test images (in [0, 1], loader order) and their labels."""
     datamodule.setup("test")
     xs, ys, count = [], [], 0
@@ -99,6 +181,8 @@ def test_tensors(datamodule, n_examples: int) -> tuple[Tensor, Tensor]:
         count += len(y)
         if count >= n_examples:
             break
+    if not ys:
+        raise ValueError("the test split is empty: check data.data_dir")
     x, y = torch.cat(xs)[:n_examples], torch.cat(ys)[:n_examples]
     if len(y) < n_examples:
         warnings.warn(
@@ -107,92 +191,102 @@ def test_tensors(datamodule, n_examples: int) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def architecture_name(cfg: DictConfig) -> str | None:
-    """The evaluated network's name: the RobustBench zoo name, else ``model.name``."""
-    if cfg.get("robustbench_model"):
-        return cfg.robustbench_model
-    return cfg.model.name if OmegaConf.select(cfg, "model.name") != "???" else None
+def build_model(model_cfg: DictConfig, source: Source, weights: str) -> tuple[Any, str]:
+    """The classifier of ``model_cfg`` with the chosen ``weights`` of the checkpoint loaded
+    strictly (a mismatch names both architectures and the file), in eval mode."""
+    state, chosen = select_weights(source.state, weights, source=str(source.ckpt_path))
+    model = instantiate(model_cfg)
+    network = model.model if isinstance(model, Normalized) else model
+    load_state_dict_strict(network, state, model_cfg.get("name"), source=str(source.ckpt_path))
+    return model.eval(), chosen
+
+
+def load_model(model_cfg: DictConfig, path: str | Path, weights: str = "auto") -> torch.nn.Module:
+    """The classifier eval.py evaluates for checkpoint ``path``: ``model_cfg`` is the ``model``
+    node of a composed ``eval.yaml`` (its data and the run's config.yaml beside ``path`` fill
+    in the rest, as in :func:`run`); in eval mode."""
+    cfg = model_cfg._get_root().copy()
+    OmegaConf.update(cfg, "ckpt_path", str(path), force_add=True)
+    source = read_source(cfg)
+    _, resolved = resolve_config(cfg, source)
+    return build_model(resolved, source, weights)[0]
+
+
+def protocol_notes(cfg: DictConfig, dataset: str, n: int, attacks: list[str]) -> list[str]:
+    """Where the evaluation departs from RobustBench's protocol, for the card's footnote."""
+    notes = []
+    if cfg.backend == "gkl" and cfg.autoattack.version != "standard":
+        notes.append(f"AutoAttack {cfg.autoattack.version} ({', '.join(attacks)}), not standard.")
+    if n != PROTOCOL_SIZE[dataset]:
+        notes.append(f"Evaluated on the first {n} test images, not {PROTOCOL_SIZE[dataset]}.")
+    return notes
 
 
 def build_card(
-    cfg: DictConfig, dataset: str, eps: float, clean: float, robust: float, footnote: str
+    cfg: DictConfig,
+    dataset: str,
+    threat: ThreatModel,
+    architecture: str | None,
+    record: Mapping[str, Any],
+    notes: list[str],
+    unreliable: bool,
 ) -> dict[str, Any]:
-    """The validated RobustBench card from ``cfg.card`` (architecture defaults to model.name)."""
+    """The validated RobustBench card from ``cfg.card`` and the record's accuracies."""
     card = cfg.card
+    footnote = " ".join(([card.footnote] if card.footnote else []) + notes) or None
     return model_card(
         name=card.name,
         link=card.link,
         authors=card.authors,
-        architecture=card.architecture or architecture_name(cfg),
+        architecture=card.architecture or architecture,
         venue=card.venue,
         dataset=dataset,
-        eps=eps,
-        clean_acc=clean,
-        autoattack_acc=robust,
+        eps=threat,
+        clean_acc=record["clean_acc"],
+        autoattack_acc=record["autoattack_acc"],
         reported=card.reported,
-        norm=cfg.norm,
+        norm=threat.norm,
         additional_data=card.additional_data,
         number_forward_passes=card.number_forward_passes,
         footnote=footnote,
-        unreliable=card.unreliable,
+        unreliable=unreliable,
+        external=card.get("external"),
     )
 
 
-def _protocol_footnote(cfg: DictConfig, dataset: str, n: int, attacks: list[str]) -> str:
-    """``card.footnote``, plus a note when the evaluation is not RobustBench's protocol."""
-    notes = [cfg.card.footnote] if cfg.card.footnote else []
-    if cfg.backend == "gkl" and cfg.autoattack.version != "standard":
-        notes.append(f"AutoAttack {cfg.autoattack.version} ({', '.join(attacks)}), not standard.")
-    if n != PROTOCOL_SIZE.get(dataset):
-        notes.append(f"Evaluated on the first {n} test images, not {PROTOCOL_SIZE[dataset]}.")
-    return " ".join(notes)
-
-
-def sanity_flags(clean: float, pgd: float, aa: float, threshold: float) -> dict[str, Any]:
-    """``order_violation`` (not clean >= PGD >= AA) and ``gradient_masking`` (PGD - AA >
-    threshold), as :func:`gkl.evaluate.evaluate` reports them, each with a warning."""
-    problems = []
-    ordered = clean >= pgd >= aa
-    if not ordered:
-        problems.append(f"accuracies violate clean >= PGD >= AutoAttack: {clean}, {pgd}, {aa}")
-    masking = pgd - aa > threshold
-    if masking:
-        problems.append(f"possible gradient masking: PGD {pgd:.4f} exceeds AutoAttack {aa:.4f}")
-    for problem in problems:
-        warnings.warn(problem, UserWarning, stacklevel=2)
-    return {"order_violation": not ordered, "gradient_masking": masking, "warnings": problems}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_json(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+def check_request(cfg: DictConfig) -> ThreatModel:
+    """Everything about the request that can be wrong before any file is read."""
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {cfg.backend!r}; valid choices: {list(BACKENDS)}")
+    if cfg.get("export") not in (None, *EXPORTS):
+        raise ValueError(f"unknown export {cfg.export!r}; valid choices: {list(EXPORTS)}")
+    if cfg.get("export") and cfg.card.id is None:
+        raise ValueError("export=robustbench writes a submission: set card.id and the card fields")
+    check_sizes(cfg.n_examples, cfg.batch_size)
+    threat = ThreatModel.parse(cfg.eps, cfg.norm)  # the one place eval.py parses eps
+    if cfg.card.id is not None:
+        try:  # fail now, not after hours of AutoAttack (dataset and architecture: stand-ins)
+            placeholder = {"clean_acc": 1.0, "autoattack_acc": 0.0}
+            build_card(cfg, "cifar10", threat, "architecture", placeholder, [], False)
+        except ValueError as error:
+            raise ValueError(
+                f"{error}. Set card.name, card.link, card.authors and card.venue for the model "
+                "card, or drop card.id to evaluate without one"
+            ) from None
+    return threat
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.ckpt_path``; returns the record written to ``results.json``."""
-    if cfg.backend not in BACKENDS:
-        raise ValueError(f"unknown backend {cfg.backend!r}; valid choices: {list(BACKENDS)}")
-    eps = parse_eps(cfg.eps, norm=cfg.norm)  # rejects 8, warns about 0.031 before any work
-    zoo_name = cfg.get("robustbench_model")
-    if (cfg.get("ckpt_path") is None) == (zoo_name is None):
-        raise ValueError(
-            "give exactly one of ckpt_path=<checkpoint of model.name> and "
-            "robustbench_model=<RobustBench zoo name, e.g. Carmon2019Unlabeled>"
-        )
-    datamodule = build_datamodule(cfg.data)
+    """Evaluate ``cfg.ckpt_path`` (or a zoo model); returns the record written to results.json."""
+    threat = check_request(cfg)
+    source = read_source(cfg)
+    data_cfg, model_cfg = resolve_config(cfg, source)
+    datamodule = build_datamodule(data_cfg)
     dataset = dataset_name(datamodule)
     synthetic = bool(getattr(datamodule, "is_synthetic", False))
     if cfg.backend == "robustbench" and dataset not in DATASETS:
         raise ValueError(f"backend=robustbench supports {list(DATASETS)}, not {dataset!r}")
+    architecture = source.zoo_name or model_cfg.get("name")
     write_card = cfg.card.id is not None and not synthetic
     if write_card:
         if dataset not in DATASETS:
@@ -200,47 +294,66 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 f"RobustBench model cards exist for {list(DATASETS)}, not {dataset!r}: "
                 "drop card.id to evaluate without a card"
             )
-        try:  # fail now, not after hours of AutoAttack
-            build_card(cfg, dataset, eps, 1.0, 0.0, "")
-        except ValueError as error:
+        if cfg.n_examples > PROTOCOL_SIZE[dataset]:
             raise ValueError(
-                f"{error}. Set card.name, card.link, card.authors and card.venue for the model "
-                "card, or drop card.id to evaluate without one"
-            ) from None
+                f"n_examples={cfg.n_examples} exceeds RobustBench's {dataset} protocol "
+                f"({PROTOCOL_SIZE[dataset]} test images) for a model card: set "
+                f"n_examples={PROTOCOL_SIZE[dataset]} or fewer"
+            )
 
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.state_path:
         Path(cfg.state_path).parent.mkdir(parents=True, exist_ok=True)
-    if zoo_name is not None:
+    if source.zoo_name is not None:
         from gkl.evaluate.robustbench_backend import load_zoo_model
 
         model = load_zoo_model(
-            zoo_name, dataset=dataset, threat_model=cfg.norm, model_dir=cfg.robustbench_model_dir
+            source.zoo_name,
+            dataset=dataset,
+            threat_model=threat.norm,
+            model_dir=cfg.robustbench_model_dir,
         )
+        identity = {
+            "robustbench_model": source.zoo_name,
+            "checkpoint": None,
+            "checkpoint_sha256": None,
+        }
     else:
-        model = load_model(cfg.model, cfg.ckpt_path, cfg.weights)
+        model, chosen = build_model(model_cfg, source, cfg.weights)
+        identity = {
+            "checkpoint": str(source.ckpt_path.resolve()),
+            "checkpoint_sha256": source.sha256,
+            "weights": chosen,
+        }
+    if cfg.get("export"):  # before hours of attacks: is this model exportable at all?
+        from gkl.evaluate.export import robustbench_constructor, robustbench_network
+
+        robustbench_constructor(architecture, robustbench_network(model).state_dict())
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     x, y = test_tensors(datamodule, cfg.n_examples)
     log.info(
         "evaluating %s on %d %s test images, %s eps=%s",
-        cfg.ckpt_path or f"RobustBench model {zoo_name}",
+        cfg.ckpt_path or f"RobustBench model {source.zoo_name}",
         len(y),
         dataset,
-        cfg.norm,
-        eps_to_fraction_string(eps, cfg.norm),
+        threat.norm,
+        threat,
     )
     attacks = list(cfg.autoattack.attacks) if cfg.autoattack.attacks else None
+    # Binds the AutoAttack state to this model (with the weights' own hash, see run_autoattack);
+    # the path is left out: a moved file is the same model.
+    tag = {"architecture": architecture, **{k: v for k, v in identity.items() if k != "checkpoint"}}
     if cfg.backend == "gkl":
         result = evaluate(
             model,
             x,
             y,
-            eps=eps,
-            norm=cfg.norm,
+            eps=threat.eps,
+            norm=threat.norm,
             pgd_steps=cfg.pgd.steps,
-            pgd_step_size=cfg.pgd.step_size,
+            pgd_step_size=None if cfg.pgd.step_size is None else _step(cfg.pgd.step_size),
             pgd_restarts=cfg.pgd.restarts,
             autoattack_version=cfg.autoattack.version,
             attacks=attacks,
@@ -248,43 +361,64 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             seed=cfg.seed,
             state_path=cfg.state_path,
             masking_threshold=cfg.masking_threshold,
+            tag=tag,
         )
     else:
-        result = _robustbench(cfg, model, x, y, eps, dataset, device)
-    result["eps"] = eps_to_fraction_string(eps, cfg.norm)
-    result["eps_value"] = eps
-    if zoo_name is None:
-        ckpt = Path(cfg.ckpt_path).expanduser()
-        source = {
-            "checkpoint": str(ckpt.resolve()),
-            "checkpoint_sha256": _sha256(ckpt),
-            "weights": checkpoint_prefix(ckpt, cfg.weights) or "network",
-        }
-    else:
-        source = {"checkpoint": None, "checkpoint_sha256": None, "robustbench_model": zoo_name}
+        result = _robustbench(cfg, model, x, y, threat, dataset, data_cfg, device)
     record: dict[str, Any] = {
         "dataset": dataset,
-        "threat_model": cfg.norm,
+        "threat_model": threat.norm,
         **result,
+        "eps": str(threat),
+        "eps_value": threat.eps,
         "backend": cfg.backend,
         "attacks": attacks,
-        **source,
-        "architecture": architecture_name(cfg),
+        **identity,
+        "architecture": architecture,
         "seed": cfg.seed,
         "model_card": None,
     }
+    results_path = out_dir / (SMOKE_RESULTS_FILE if synthetic else RESULTS_FILE)
+    refused = None
     if synthetic:
         record["NOT_A_RESULT"] = "synthetic data: smoke test only"
     elif write_card:
-        footnote = _protocol_footnote(cfg, dataset, len(y), attacks or [])
-        card = build_card(
-            cfg, dataset, eps, record["clean_acc"], record["autoattack_acc"], footnote
-        )
-        path = write_model_card(card, out_dir, dataset, cfg.norm, cfg.card.id)
-        record["model_card"] = str(path)
-        log.info("wrote model card %s", path)
-    results_path = out_dir / (SMOKE_RESULTS_FILE if synthetic else RESULTS_FILE)
-    _write_json(results_path, record)
+        if record["unreliable"] and not cfg.allow_unreliable:
+            refused = (
+                f"no model card for an unreliable result ({'; '.join(record['warnings'])}). "
+                "Find the cause (gradient masking, a broken attack, a stochastic model) or rerun "
+                "with allow_unreliable=true to write the card marked unreliable: true"
+            )
+            record["card_refused"] = refused
+        else:
+            notes = protocol_notes(cfg, dataset, len(y), attacks or [])
+            if record["unreliable"]:
+                notes.append("Unreliable evaluation: " + " ".join(record["warnings"]) + ".")
+            card = build_card(
+                cfg,
+                dataset,
+                threat,
+                architecture,
+                record,
+                notes,
+                unreliable=bool(record["unreliable"] or cfg.card.unreliable),
+            )
+            path = write_model_card(card, out_dir, dataset, threat.norm, cfg.card.id)
+            record["model_card"] = str(path)
+            log.info("wrote model card %s", path)
+            if cfg.get("export"):
+                from gkl.evaluate.export import export_robustbench
+
+                record["export"] = export_robustbench(
+                    model,
+                    architecture=architecture,
+                    card=card,
+                    card_id=cfg.card.id,
+                    threat_model=threat.norm,
+                    out_dir=out_dir,
+                )
+                log.info("RobustBench submission files: %s", record["export"])
+    atomic_write_json(results_path, record)
     log.info(
         "clean %.4f | PGD-%d %.4f | AutoAttack %.4f -> %s",
         record["clean_acc"],
@@ -293,49 +427,59 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         record["autoattack_acc"],
         results_path,
     )
+    if refused:
+        raise RuntimeError(f"{refused} (results in {results_path})")
     return record
 
 
-def _robustbench(cfg, model, x, y, eps, dataset, device) -> dict[str, Any]:
-    """Clean and AutoAttack-standard accuracy from ``robustbench.eval.benchmark``; PGD from gkl."""
+def _step(value: float | str) -> float:
+    """``pgd.step_size`` as typed (``2/255`` accepted), in the units of eps."""
+    return parse_number(value, "pgd.step_size")
+
+
+def _robustbench(cfg, model, x, y, threat, dataset, data_cfg, device) -> dict[str, Any]:
+    """Clean and AutoAttack-standard accuracy from ``robustbench.eval.benchmark``; PGD from gkl;
+    the same verdict as the gkl backend."""
     from gkl.evaluate.robustbench_backend import robustbench_benchmark
 
     clean, robust = robustbench_benchmark(
         model,
         dataset=dataset,
-        threat_model=cfg.norm,
-        eps=eps,
+        threat_model=threat.norm,
+        eps=threat.eps,
         n_examples=len(y),
         x_test=x,
         y_test=y,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         device=device,
+        preprocessing=data_cfg.get("preprocessing") if dataset == "imagenet" else None,
     )
-    step = cfg.pgd.step_size or default_step_size(eps, cfg.pgd.steps)
-    with quiet_eps_warnings():
-        robust_pgd = pgd_accuracy(
-            model,
-            x,
-            y,
-            eps=eps,
-            norm=cfg.norm,
-            steps=cfg.pgd.steps,
-            step_size=step,
-            restarts=cfg.pgd.restarts,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-        )
+    step = default_step_size(threat.eps, cfg.pgd.steps)
+    if cfg.pgd.step_size is not None:
+        step = _step(cfg.pgd.step_size)
+    robust_pgd = pgd_accuracy(
+        model,
+        x,
+        y,
+        eps=threat.eps,
+        norm=threat.norm,
+        steps=cfg.pgd.steps,
+        step_size=step,
+        restarts=cfg.pgd.restarts,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+    )
     return {
         "n_examples": len(y),
-        "norm": cfg.norm,
+        "norm": threat.norm,
         "clean_acc": clean,
         "pgd_acc": robust_pgd,
         "pgd_steps": cfg.pgd.steps,
         "pgd_step_size": step,
         "autoattack_acc": robust,
         "autoattack_version": "standard",
-        **sanity_flags(clean, robust_pgd, robust, cfg.masking_threshold),
+        **verdict(clean, robust_pgd, robust, cfg.masking_threshold),
     }
 
 

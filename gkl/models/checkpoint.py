@@ -1,8 +1,14 @@
-"""Load mdistiller-style checkpoints strictly, with a readable report on mismatch."""
+"""Read checkpoint files safely and load them strictly, with a readable report on mismatch."""
+
+from __future__ import annotations
 
 import functools
+import hashlib
+import io
 from collections.abc import Mapping
 from os import PathLike
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -170,23 +176,96 @@ def describe_mismatch(model: nn.Module, sd: StateDict, arch_name: str | None = N
     return "\n".join(lines)
 
 
+def read_checkpoint(path: str | PathLike[str]) -> tuple[Any, str]:
+    """``(torch.load(path, weights_only=True), sha256 of the file)``, reading the file once.
+
+    A missing, empty, truncated or foreign file raises ``FileNotFoundError`` / ``ValueError``
+    naming the file (instead of torch's ``EOFError`` or ``pop from empty list``).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (check ckpt_path)")
+    data = path.read_bytes()
+    if not data:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): re-copy it or pick another file")
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises anything from EOFError to KeyError on bad bytes
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(
+            f"cannot read checkpoint {path} ({len(data)} bytes; {type(error).__name__}: "
+            f"{first[:200]}): the file is truncated, corrupt, not written by torch.save, or holds "
+            "objects other than tensors and plain containers (only weights_only=True loading is "
+            "allowed). Re-copy it or point to another file."
+        ) from None
+    return obj, hashlib.sha256(data).hexdigest()
+
+
+def load_state_dict_strict(
+    model: nn.Module,
+    state: Mapping[str, Any],
+    arch_name: str | None = None,
+    prefix: str | None = None,
+    source: str = "checkpoint",
+) -> nn.Module:
+    """Load ``state`` (an mdistiller ``{"model": sd}``, a Lightning ``{"state_dict": sd}`` or a
+    bare state_dict) into ``model`` with ``strict=True`` and return ``model``.
+
+    ``prefix`` (e.g. ``"student.model."``) selects and strips a sub-model; without it the prefix
+    is detected. ``arch_name`` names the expected architecture and ``source`` the file in the
+    ``ValueError`` that describes any key/shape/class mismatch.
+    """
+    try:
+        sd = _select(_extract_state_dict(state), model.state_dict(), prefix)
+    except ValueError as error:
+        raise ValueError(f"{error} (file: {source})") from None
+    report = describe_mismatch(model, sd, arch_name)
+    if report is not None:
+        raise ValueError(f"{report}\n  (file: {source})")
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
 def load_mdistiller_checkpoint(
     model: nn.Module,
     path: str | PathLike[str],
     arch_name: str | None = None,
     prefix: str | None = None,
 ) -> nn.Module:
-    """Load a checkpoint into ``model`` with ``strict=True`` and return ``model``.
+    """Read ``path`` with :func:`read_checkpoint` and load it with
+    :func:`load_state_dict_strict` (mdistiller, Lightning or bare state_dict files)."""
+    obj, _ = read_checkpoint(path)
+    return load_state_dict_strict(model, obj, arch_name, prefix, source=str(path))
 
-    Accepts mdistiller files ``{"model": state_dict, ...}``, Lightning checkpoints
-    ``{"state_dict": ...}`` and bare state_dicts. ``prefix`` (e.g. ``"student.model."``) selects
-    and strips a sub-model; without it the prefix is detected. ``arch_name`` names the expected
-    architecture in the error. Raises ``ValueError`` describing any key/shape/class mismatch.
+
+# Lightning checkpoints of gkl's tasks: the task attribute that holds each `weights` choice.
+TASK_WEIGHTS = {"model": "model", "ema": "ema_model"}
+
+
+def select_weights(obj: Any, weights: str = "auto", source: str = "checkpoint") -> tuple[Any, str]:
+    """The weights to evaluate from a loaded checkpoint and what they are.
+
+    In a Lightning checkpoint of a gkl task, ``weights="auto"`` takes the EMA (``ema_model``)
+    when the task kept one, else the trained ``model``; ``"ema"`` requires the EMA, ``"model"``
+    takes the trained weights. Returns ``(state_dict of that module, "ema" | "model")``. Any other
+    file (``{"model": sd}``, a bare state_dict) is returned as is with ``"network"``.
     """
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    sd = _select(_extract_state_dict(obj), model.state_dict(), prefix)
-    report = describe_mismatch(model, sd, arch_name)
-    if report is not None:
-        raise ValueError(f"{report}\n  (file: {path})")
-    model.load_state_dict(sd, strict=True)
-    return model
+    choices = ("auto", *TASK_WEIGHTS)
+    if weights not in choices:
+        raise ValueError(f"weights must be one of {list(choices)}, got {weights!r}")
+    state = obj.get("state_dict") if isinstance(obj, Mapping) else None
+    prefixes = {choice: f"{attr}." for choice, attr in TASK_WEIGHTS.items()}
+    present = {
+        choice
+        for choice, prefix in prefixes.items()
+        if isinstance(state, Mapping) and any(k.startswith(prefix) for k in state)
+    }
+    if weights == "ema" and "ema" not in present:
+        raise ValueError(
+            f"weights=ema but {source} holds no EMA weights ({prefixes['ema']}*): "
+            "use weights=auto or weights=model"
+        )
+    if "model" not in present:
+        return obj, "network"
+    chosen = weights if weights != "auto" else ("ema" if "ema" in present else "model")
+    return _strip(state, prefixes[chosen]), chosen

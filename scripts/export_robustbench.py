@@ -1,0 +1,71 @@
+"""Export an evaluated checkpoint as a RobustBench submission, from eval.py's results.json.
+
+    python scripts/export_robustbench.py <eval run>/results.json [--out DIR] [-- eval overrides]
+
+The same files as ``python eval.py ... export=robustbench`` (``<out>/robustbench/``: the
+``{"state_dict"}`` weights for RobustBench's WideResNet, the model card, the zoo entry), for an
+evaluation that already wrote its card: the checkpoint, its ``weights`` choice and the card are
+taken from ``results.json``; the checkpoint's SHA-256 must still match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from gkl.config import compose_config
+from gkl.evaluate.export import export_robustbench
+from gkl.evaluate.run import build_model, read_source, resolve_config
+
+
+def main(argv: list[str]) -> dict[str, str]:
+    overrides: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, overrides = argv[:cut], argv[cut + 1 :]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("results", type=Path, help="results.json written by eval.py")
+    parser.add_argument("--out", type=Path, default=None, help="default: beside results.json")
+    args = parser.parse_args(argv)
+    record = json.loads(args.results.read_text())
+    if not record.get("model_card") or not record.get("checkpoint"):
+        raise SystemExit(
+            f"{args.results} has no model card or no checkpoint: run eval.py with card.id=... "
+            "on the checkpoint first (a RobustBench zoo model cannot be exported)"
+        )
+    card_path = Path(record["model_card"])
+    weights = record["weights"] if record["weights"] in ("ema", "model") else "auto"
+    cfg = compose_config(
+        "eval.yaml",
+        [
+            f"ckpt_path={record['checkpoint']}",
+            f"weights={weights}",
+            "paths.output_dir=.",
+            *overrides,
+        ],
+    )
+    source = read_source(cfg)
+    if source.sha256 != record["checkpoint_sha256"]:
+        raise SystemExit(
+            f"{record['checkpoint']} changed since {args.results} was written (SHA-256 differs): "
+            "evaluate it again"
+        )
+    _, model_cfg = resolve_config(cfg, source)
+    model, _ = build_model(model_cfg, source, weights)
+    files = export_robustbench(
+        model,
+        architecture=record["architecture"],
+        card=json.loads(card_path.read_text()),
+        card_id=card_path.stem,
+        threat_model=record["threat_model"],
+        out_dir=args.out or args.results.parent,
+    )
+    for name, path in files.items():
+        print(f"{name}: {path}")
+    return files
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
