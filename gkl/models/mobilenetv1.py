@@ -59,8 +59,12 @@ class MobileNetV1(nn.Module):
         self.model = nn.Sequential(*layers)
         self.fc = nn.Linear(1024, num_classes)
 
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The pooled 1024 features before ``fc``."""
+        return self.model(x).flatten(1)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.model(x).flatten(1))
+        return self.fc(self.forward_features(x))
 
 
 def mobilenet_v1(num_classes: int = 1000, **kwargs) -> MobileNetV1:

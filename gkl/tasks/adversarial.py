@@ -376,8 +376,7 @@ def _check_loss(objective: str, loss: nn.Module | None) -> nn.Module | None:
         if not isinstance(loss, TradesKLLoss):
             raise ValueError(
                 f"objective='trades' uses TradesKLLoss (weighted by task.trades_beta), got "
-                f"{type(loss).__name__}: set loss._target_=gkl.losses.TradesKLLoss (as "
-                "conf/experiment/fmnist_trades.yaml does); for GKL use objective='gkl' loss=gkl"
+                f"{type(loss).__name__}: set loss=trades_kl; for GKL use objective='gkl' loss=gkl"
             )
     elif objective == "gkl":
         if not isinstance(loss, GKLLoss | DKLLoss):
