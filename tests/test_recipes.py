@@ -8,11 +8,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from hydra.utils import instantiate
 
 from gkl.config import compose_config
@@ -448,7 +450,9 @@ def test_weight_average_resumes_exactly_from_a_weights_only_checkpoint(tmp_path)
         "~callbacks.mid_epoch_checkpoint",
     ]
     run(compose(*common, "trainer.max_epochs=3", tmp=tmp_path / "a"))
-    run(compose(*common, "trainer.max_epochs=2", "test=false", tmp=tmp_path / "b"))
+    # Stopped after epoch 2 of 3 (2 batches an epoch; the cosine schedule keeps max_epochs=3).
+    stop = ["trainer.max_epochs=3", "trainer.max_steps=4", "test=false"]
+    run(compose(*common, *stop, tmp=tmp_path / "b"))
     last_b = tmp_path / "b" / "run" / "checkpoints" / "last.ckpt"
     run(compose(*common, "trainer.max_epochs=3", f"ckpt_path={last_b}", tmp=tmp_path / "b"))
     a = torch.load(tmp_path / "a" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -459,3 +463,52 @@ def test_weight_average_resumes_exactly_from_a_weights_only_checkpoint(tmp_path)
         torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=key)
     trained = {k: v for k, v in a["state_dict"].items() if k.startswith("model.model.")}
     assert any(not torch.equal(v, averaged[f"averaged_model.{k}"]) for k, v in trained.items())
+
+
+def test_paper_table_collects_runs_into_cells_with_anchors(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "paper_table", Path(__file__).resolve().parent.parent / "scripts" / "paper_table.py"
+    )
+    paper_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper_table)
+
+    def fake_run(name, experiment, loss, seed, acc, best=None, evaluation=None):
+        run_dir = tmp_path / name
+        run_dir.mkdir(parents=True)
+        config = {"experiment_name": experiment, "loss": {"_target_": loss}}
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+        record = {"metrics": {"test/acc": acc}, "seed": seed}
+        (run_dir / "metrics.json").write_text(json.dumps(record))
+        if best is not None:
+            (run_dir / "best_test_epoch.NOT_A_RESULT.json").write_text(
+                json.dumps({"val/acc": best})
+            )
+        if evaluation is not None:
+            (run_dir / "eval").mkdir()
+            (run_dir / "eval" / "results.json").write_text(json.dumps(evaluation))
+
+    fake_run("a", "cifar100_kd_vgg13_vgg8", "gkl.losses.GKLLoss", 0, 0.70, best=0.72)
+    fake_run("b", "cifar100_kd_vgg13_vgg8", "gkl.losses.GKLLoss", 1, 0.74, best=0.75)
+    aa = {
+        "clean_acc": 0.6,
+        "autoattack_acc": 0.3,
+        "n_examples": 200,
+        "autoattack_version": "standard",
+    }
+    fake_run("c", "cifar100_gkl_at", "gkl.losses.GKLLoss", 0, 0.6, evaluation=aa)
+    (tmp_path / "smoke").mkdir()
+    (tmp_path / "smoke" / "metrics.smoke.json").write_text("{}")
+    runs = paper_table.collect([tmp_path])
+    assert len(runs) == 3
+    lines = paper_table.kd_table("KD", paper_table.KD_CIFAR, runs)
+    (row,) = [line for line in lines if line.startswith("| vgg13 -> vgg8")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # KD ours/best/anchor, DKD ours/best/anchor, GKL ours/best/anchor
+    assert cells[1:4] == ["", "", "72.98"] and cells[4:7] == ["", "", "74.68"]
+    assert cells[7] == "72.00 ± 2.83 (n=2)" and cells[8] == "73.50 ± 2.12 (n=2)"
+    (at_row,) = [line for line in paper_table.at_table(runs) if "CIFAR-100 | GKL-AT |" in line]
+    assert "60.00 (n=1)*" in at_row and "30.00 (n=1)*" in at_row and "65.76" in at_row
+    empty = [line for line in paper_table.at_table(runs) if "CIFAR-10 | GKL-AT |" in line][0]
+    assert "|  |  | 85.31 | 57.09 |" in empty
