@@ -144,6 +144,7 @@ SMOKE = [
     *[(name, [*TINY, "model.name=wrn_16_1"]) for name in AT_RECIPES],
     ("cifar10_trades_awp", [*TINY, "model.name=wrn_16_1"]),
     ("imagenet_kd_r50_mv1", ["data.batch_size=2", "teacher.name=resnet18"]),
+    ("fmnist_gkl_at_ascent", TINY),
 ]
 IDS = [name + "".join(f"-{e[1:]}" for e in extra if e.startswith("+b")) for name, extra in SMOKE]
 
