@@ -513,3 +513,21 @@ def test_paper_table_collects_runs_into_cells_with_anchors(tmp_path):
     assert "60.00 (n=1)*" in at_row and "30.00 (n=1)*" in at_row and "65.76" in at_row
     empty = [line for line in paper_table.at_table(runs) if "CIFAR-10 | GKL-AT |" in line][0]
     assert "|  |  | 85.31 | 57.09 |" in empty
+
+
+def test_second_view_is_autoaugment_and_cutout_zeroes_one_clipped_square():
+    from gkl.data.augment import SecondView, cutout
+
+    torch.manual_seed(0)
+    images = torch.full((64, 3, 32, 32), 200, dtype=torch.uint8)
+    out = cutout(images, 16)
+    for image in out:
+        zero = (image == 0).all(0)
+        rows, cols = zero.any(1).nonzero().flatten(), zero.any(0).nonzero().flatten()
+        assert 0 < len(rows) <= 16 and 0 < len(cols) <= 16
+        assert int(zero.sum()) == len(rows) * len(cols)  # one axis-aligned rectangle
+        assert (image[:, ~zero] == 200).all()
+    view = SecondView("cifar10", cutout=0)(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8))
+    assert view.dtype == torch.uint8 and view.shape == (8, 3, 32, 32)
+    with pytest.raises(ValueError, match="second_view.autoaugment"):
+        SecondView("svhn")
