@@ -1,5 +1,10 @@
 """TRADES versus GKL-AT on Fashion-MNIST (real, offline), L-inf eps 0.1, same training budget.
 
+Methods (one schedule for all: the baseline differs from GKL-AT in the loss only):
+``trades`` (fmnist_trades), ``gkl_at`` (fmnist_gkl_at: the TRADES-KL ascent of the authors'
+CIFAR-10 script) and ``gkl_at_ascent`` (fmnist_gkl_at_ascent: the GKL alpha 1 beta 1 gamma 1
+class-prior ascent of their CIFAR-100 script).
+
 For each method and seed: ``python train.py +experiment=fmnist_<method> seed=<seed>`` (last
 epoch), then, on the trained network in eval mode: clean accuracy on the full test set, PGD-20
 (step 2.5 * eps / 20, one random start) on the first ``--pgd-examples`` test images, and
@@ -31,7 +36,11 @@ from gkl.evaluate.run import load_model, test_tensors
 from gkl.train import build_datamodule
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = {"trades": "fmnist_trades", "gkl_at": "fmnist_gkl_at"}
+METHODS = {
+    "trades": "fmnist_trades",
+    "gkl_at": "fmnist_gkl_at",
+    "gkl_at_ascent": "fmnist_gkl_at_ascent",
+}
 EPS = 0.1
 PGD_STEPS = 20
 AA_ATTACKS = ["apgd-ce", "apgd-t"]

@@ -243,7 +243,7 @@ def reference_trades_awp_step(model, x, x_adv, y, gamma, beta=6.0):
 
 
 def one_lightning_step(task: AdversarialTask, x, x_adv, y) -> AdversarialTask:
-    task.adversarial_examples = lambda xb, yb: x_adv  # a fixed x_adv for the comparison
+    task.adversarial_examples = lambda xb, yb, prior=None: x_adv  # a fixed x_adv for the comparison
     trainer = pl.Trainer(
         max_steps=1,
         accelerator="cpu",

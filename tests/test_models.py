@@ -50,6 +50,8 @@ MDISTILLER_LAYOUT = {
     "ShuffleV2": (1_355_528, "b7e2c3e764687767"),
     "ResNet18": (11_220_132, "bb5021dad9541605"),
     "ResNet50": (23_705_252, "d4a9e0738c8f8385"),
+    # mdistiller's models/imagenet/mobilenetv1.py with its fc resized to 100 classes.
+    "MobileNetV1": (3_309_476, "abb444bd6ce39566"),
 }
 FMNIST_PARAMS = {
     "fmnist_cnn": 104_426,
@@ -247,3 +249,31 @@ def test_frozen_teacher_stays_eval_without_grads():
     torch.testing.assert_close(teacher.model.bn1.running_mean, stats)
     parent = nn.ModuleDict({"student": nn.Linear(2, 2), "teacher": teacher}).train()
     assert parent["student"].training and not parent["teacher"].training
+
+
+def test_imagenet_mobilenet_v1_has_mdistillers_layout_and_parameter_count():
+    from gkl.models import create_model
+
+    model = create_model("MobileNetV1", num_classes=1000)
+    blocks = [(32, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 512)]
+    blocks += [(512, 512)] * 5 + [(512, 1024), (1024, 1024)]
+    # conv 3x3 (3 -> 32) + BN; per block: depthwise 3x3 + BN, pointwise 1x1 + BN; fc 1024 -> 1000.
+    expected = 3 * 32 * 9 + 2 * 32
+    expected += sum(i * 9 + 2 * i + i * o + 2 * o for i, o in blocks)
+    expected += 1024 * 1000 + 1000
+    assert sum(p.numel() for p in model.parameters()) == expected
+    keys = model.state_dict().keys()
+    assert {"model.0.0.weight", "model.13.0.weight", "model.13.4.running_var", "fc.weight"} <= keys
+    model.eval()
+    assert model(torch.rand(1, 3, 224, 224)).shape == (1, 1000)
+
+
+def test_normalize_false_feeds_the_images_unchanged():
+    from gkl.models.build import build_classifier
+
+    torch.manual_seed(0)
+    wrapped = build_classifier("resnet8", 10, (0.5, 0.4, 0.3), (0.2, 0.2, 0.2), normalize=False)
+    wrapped.eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(wrapped(x), wrapped.model(x))
+    assert set(wrapped.state_dict()) == {f"model.{k}" for k in wrapped.model.state_dict()}

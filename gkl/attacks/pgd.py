@@ -7,7 +7,7 @@ input only (``torch.autograd.grad``), so parameters' ``.grad`` are left untouche
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 
@@ -184,6 +184,9 @@ def pgd(
     return best_x.detach()
 
 
+AscentObjective = Callable[[Tensor, Tensor], Tensor]
+
+
 def trades_perturb(
     model: nn.Module,
     x: Tensor,
@@ -193,14 +196,18 @@ def trades_perturb(
     steps: int,
     norm: str = "Linf",
     generator: torch.Generator | None = None,
+    objective: AscentObjective | None = None,
 ) -> Tensor:
     """TRADES inner maximisation (Zhang et al., 2019): maximise, from x + 0.001 * N(0, I),
 
-        sum_i KL(softmax(f(x_i)) || softmax(f(x'_i)))   (sum reduction, as the TRADES code),
+        objective(f(x'), f(x))   (default: sum_i KL(softmax(f(x_i)) || softmax(f(x'_i))),
+                                  sum reduction, as the TRADES code)
 
     by ``steps`` ascent steps (Linf: sign; L2: normalised gradient), each followed by the
-    projection onto B(x, eps) and clamping to [0, 1]. The model runs in eval mode, as in TRADES,
-    and every module's mode is restored afterwards. Returns detached ``x_adv``.
+    projection onto B(x, eps) and clamping to [0, 1]. ``objective(adv_logits, nat_logits)``
+    returns a scalar; ``nat_logits = f(x)`` is computed once, without gradient (it does not depend
+    on x'), e.g. the GKL ascent of the authors' CIFAR-100 script. The model runs in eval mode, as
+    in TRADES, and every module's mode is restored afterwards. Returns detached ``x_adv``.
     """
     _check_norm(norm)
     if steps < 1:
@@ -212,12 +219,17 @@ def trades_perturb(
     x = x.detach()
     with eval_mode(model), torch.enable_grad():
         with torch.no_grad():
-            clean_probs = F.softmax(model(x), dim=1)
+            nat_logits = model(x)
+        if objective is None:
+            clean_probs = F.softmax(nat_logits, dim=1)
+
+            def objective(adv_logits: Tensor, _: Tensor) -> Tensor:
+                return F.kl_div(F.log_softmax(adv_logits, dim=1), clean_probs, reduction="sum")
+
         noise = torch.empty_like(x).normal_(generator=generator)
         x_adv = x + 0.001 * noise
         for _ in range(steps):
             x_adv.requires_grad_(True)
-            kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), clean_probs, reduction="sum")
-            (grad,) = torch.autograd.grad(kl, x_adv)
+            (grad,) = torch.autograd.grad(objective(model(x_adv), nat_logits), x_adv)
             x_adv = _project(_ascent_step(x_adv.detach(), grad, step_size, norm), x, eps, norm)
     return x_adv.detach()

@@ -17,9 +17,14 @@ def build_classifier(
     std: Sequence[float],
     checkpoint: str | None = None,
     source: str = "zoo",
+    normalize: bool = True,
     **kwargs,
 ) -> Normalized:
     """``Normalized(create_model(name, num_classes, **kwargs), mean, std)``: [0, 1] -> logits.
+
+    ``normalize=False`` feeds the [0, 1] images to the network as they are (the authors'
+    adversarial training and RobustBench's WideResNet): the wrapper then has mean 0 and std 1,
+    an exact identity, so checkpoints keep the same ``model.`` key layout.
 
     With ``checkpoint`` the bare network's weights are loaded strictly (mdistiller, Lightning or
     plain state_dict files); a mismatch raises naming the architecture and the file.
@@ -33,6 +38,8 @@ def build_classifier(
         network = create_model(name, num_classes, **kwargs)
     if checkpoint is not None:
         load_mdistiller_checkpoint(network, _existing(checkpoint, name), arch_name=name)
+    if not normalize:
+        mean, std = [0.0] * len(mean), [1.0] * len(std)
     return Normalized(network, mean, std)
 
 
@@ -63,12 +70,18 @@ def build_teacher(
     return FrozenTeacher(network)
 
 
+MDISTILLER_TEACHERS = "https://github.com/megvii-research/mdistiller/releases/tag/checkpoints"
+
+
 def _existing(checkpoint: str, name: str) -> str:
+    """``checkpoint`` if it is a file, else a ``FileNotFoundError`` saying how to get it."""
     path = Path(checkpoint).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
-            f"checkpoint for {name!r} not found at {path}. Train it first (e.g. python train.py "
-            "+experiment=fmnist_teacher, or +experiment=cifar100_teacher model.name=<arch>) or "
-            "download mdistiller's cifar_teachers release and point teacher.checkpoint at it."
+            f"checkpoint for {name!r} not found at {path}. Either fetch mdistiller's "
+            f"cifar_teachers/{name}_vanilla/ckpt_epoch_240.pth (cifar_teachers.tar from "
+            f"{MDISTILLER_TEACHERS}) and copy it to {path} (it loads as is), or train it: "
+            f"python train.py +experiment=cifar100_teacher model.name={name} (Fashion-MNIST: "
+            "+experiment=fmnist_teacher); or point teacher.checkpoint at the file."
         )
     return str(path)

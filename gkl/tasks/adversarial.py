@@ -1,4 +1,5 @@
-"""Adversarial training task: TRADES, GKL-AT and PGD-AT, with eps ramp, AWP and weight EMA."""
+"""Adversarial training task: TRADES, GKL-AT and PGD-AT, with eps ramp, AWP, weight EMA and the
+authors' epoch-level weight average, and an optional second (augmented) view."""
 
 from __future__ import annotations
 
@@ -8,14 +9,32 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from gkl.attacks import NORMS, parse_eps, parse_number, pgd, quiet_eps_warnings, trades_perturb
-from gkl.evaluate.protocol import default_step_size
-from gkl.losses import ClassPrior, CrossEntropyLoss, DKLLoss, GKLLoss, TradesKLLoss
+from gkl.attacks.defaults import default_step_size
+from gkl.losses import (
+    ClassPrior,
+    CrossEntropyLoss,
+    DKDLoss,
+    DKLLoss,
+    GKLLoss,
+    KDLoss,
+    TradesKLLoss,
+)
 
 from .awp import Forward, add_perturbation, awp_perturbation
 from .classify import ClassificationTask, OptimizerFactory, SchedulerFactory
 from .ema import ema_copy, update_ema
+from .weight_average import WeightAverage
 
 OBJECTIVES = ("trades", "gkl", "pgd_at")
+# Losses the inner maximisation can compute from (f(x'), f(x), y, class-prior rows).
+ATTACK_LOSSES: dict[str, type[nn.Module]] = {
+    "trades_kl": TradesKLLoss,
+    "gkl": GKLLoss,
+    "dkl": DKLLoss,
+    "kd": KDLoss,
+    "dkd": DKDLoss,
+    "ce": CrossEntropyLoss,
+}
 
 
 class AdversarialTask(ClassificationTask):
@@ -36,11 +55,27 @@ class AdversarialTask(ClassificationTask):
     - ``pgd_at`` (Madry et al.): ``x_adv`` = PGD on CE with a uniform random start;
       ``loss = CE(f(x_adv), y)`` (``loss``: ``None`` or :class:`CrossEntropyLoss`).
 
+    ``attack_loss`` (trades/gkl) is the ascent objective of the inner maximisation:
+    ``x_adv`` maximises ``attack_loss(f(x'), f(x), y, class prior rows)`` from
+    ``x + 0.001 N(0, I)`` (``None``: the TRADES ``sum_i KL(f(x_i) || f(x'_i))``; a
+    :class:`TradesKLLoss` gives the same points). The authors' CIFAR-100 GKL-AT ascends
+    ``GKLLoss(alpha=1, beta=1, gamma=1)`` with the class prior of the current epoch.
+
+    A batch ``(x, y, x_aug)`` (a second, augmented view, :mod:`gkl.data.augment`) trains on both
+    views as the authors' ``--aug`` code: ``x_adv`` for ``[x; x_aug]``, CE over all ``2B``,
+    ``robust = L(first B) + aug_weight * L(second B)``, the class prior from the first view only,
+    and AWP's ascent on the unsplit ``2B`` loss.
+
     The attacks run the model in eval mode (BatchNorm statistics frozen) and restore its mode.
     ``awp_gamma > 0`` adds adversarial weight perturbation (:mod:`gkl.tasks.awp`) of the same loss
     from the 1-based epoch ``awp_warmup_epoch`` on (the AWP code's ``epoch >= awp_warmup``).
     ``ema_decay`` keeps a per-step EMA of weights and buffers (:mod:`gkl.tasks.ema`) that is
-    used for validation and testing, saved in checkpoints and exported. ``val_pgd_subset > 0``
+    used for validation and testing, saved in checkpoints and exported. ``weight_average = tau``
+    keeps the authors' ``swa.py`` average of epoch-end weights (:mod:`gkl.tasks.weight_average`)
+    from the 1-based epoch ``weight_average_start``; it is validated, tested and exported (it
+    excludes ``ema_decay``). ``adversarial_first`` runs the training forward on ``x_adv`` before
+    ``x`` (the GKL-AT code's order; it matters for BatchNorm running statistics only).
+    ``val_pgd_subset > 0``
     logs ``val/pgd_acc``: accuracy under PGD-``val_pgd_steps`` (full ``eps``, step
     ``2.5 * eps / steps``, random start from a generator seeded with ``val_pgd_seed``) on the
     first ``val_pgd_subset`` validation images. ``train/acc`` is the accuracy on ``x_adv``.
@@ -53,6 +88,7 @@ class AdversarialTask(ClassificationTask):
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         loss: nn.Module | None = None,
+        attack_loss: nn.Module | None = None,
         objective: str = "trades",
         eps: float | str = "8/255",
         step_size: float | str = "2/255",
@@ -64,6 +100,10 @@ class AdversarialTask(ClassificationTask):
         awp_gamma: float = 0.0,
         awp_warmup_epoch: int = 0,
         ema_decay: float | None = None,
+        weight_average: float | None = None,
+        weight_average_start: int = 1,
+        aug_weight: float = 1.0,
+        adversarial_first: bool = False,
         val_pgd_steps: int = 10,
         val_pgd_subset: int = 0,
         val_pgd_seed: int = 0,
@@ -85,8 +125,18 @@ class AdversarialTask(ClassificationTask):
             )
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (null or 0: off), got {ema_decay}")
+        if ema_decay and weight_average is not None:
+            raise ValueError(
+                "task.ema_decay and task.weight_average both choose the released weights; "
+                "set one of them to null"
+            )
+        if aug_weight < 0:
+            raise ValueError(f"aug_weight must be >= 0, got {aug_weight}")
         self.objective = objective
         self.robust_loss = _check_loss(objective, loss)
+        self.attack_loss = _check_attack_loss(objective, attack_loss)
+        self.aug_weight = aug_weight
+        self.adversarial_first = adversarial_first
         self.eps = parse_eps(eps, norm=norm)
         self.step_size = parse_number(step_size, "step_size")
         self.steps = steps
@@ -101,11 +151,13 @@ class AdversarialTask(ClassificationTask):
         self.val_pgd_subset = val_pgd_subset
         self.val_pgd_seed = val_pgd_seed
         self.require_generated_data = require_generated_data
-        uses_prior = objective == "gkl" and getattr(loss, "use_class_prior", False)
-        self.class_prior = (
-            ClassPrior(num_classes, temperature=loss.temperature2) if uses_prior else None
-        )
+        self.class_prior = _class_prior(num_classes, objective, loss, self.attack_loss)
         self.ema_model = ema_copy(model) if self.ema_decay else None
+        self.averaged_model = (
+            WeightAverage(model, weight_average, weight_average_start)
+            if weight_average is not None
+            else None
+        )
         self.val_pgd_acc = MulticlassAccuracy(num_classes, average="micro")
         self._awp: dict[str, Tensor] | None = None
         self._val_seen = 0
@@ -125,18 +177,22 @@ class AdversarialTask(ClassificationTask):
 
     @property
     def eval_model(self) -> nn.Module:
-        """The weights that are validated, tested and exported: the EMA when enabled."""
+        """The weights that are validated, tested and exported: the epoch-level weight average
+        or the EMA when enabled (before the average has started: the model)."""
+        if self.averaged_model is not None and int(self.averaged_model.count) > 0:
+            return self.averaged_model.model
         return self.ema_model if self.ema_model is not None else self.model
 
     @property
     def export_model(self) -> nn.Module:
-        """The network to release (``export_weights``): the EMA when enabled."""
+        """The network to release (``export_weights``): the weight average or EMA when enabled."""
         return self.eval_model
 
     # --- training ---------------------------------------------------------------------------
 
-    def adversarial_examples(self, x: Tensor, y: Tensor) -> Tensor:
-        """``x_adv`` for the current epoch's budget (detached, in [0, 1])."""
+    def adversarial_examples(self, x: Tensor, y: Tensor, prior: Tensor | None = None) -> Tensor:
+        """``x_adv`` for the current epoch's budget (detached, in [0, 1]); ``prior``: the class
+        prior rows of ``y`` (for an ``attack_loss`` with ``use_class_prior``)."""
         factor = self.eps_factor()
         eps, step = self.eps * factor, self.step_size * factor
         with quiet_eps_warnings():  # the ramped eps is rarely some k/255
@@ -144,42 +200,89 @@ class AdversarialTask(ClassificationTask):
                 return pgd(
                     self.model, x, y, eps=eps, step_size=step, steps=self.steps, norm=self.norm
                 )
+            objective = None
+            attack_loss = self.attack_loss
+            if attack_loss is not None and not isinstance(attack_loss, TradesKLLoss):
+
+                def objective(adv_logits: Tensor, nat_logits: Tensor) -> Tensor:
+                    return attack_loss(adv_logits, nat_logits, y, class_prior=prior)
+
             return trades_perturb(
-                self.model, x, eps=eps, step_size=step, steps=self.steps, norm=self.norm
+                self.model,
+                x,
+                eps=eps,
+                step_size=step,
+                steps=self.steps,
+                norm=self.norm,
+                objective=objective,
             )
 
     def objective_loss(
-        self, forward: Forward, x: Tensor, x_adv: Tensor, y: Tensor, prior: Tensor | None
+        self,
+        forward: Forward,
+        x: Tensor,
+        x_adv: Tensor,
+        y: Tensor,
+        prior: Tensor | None,
+        views: int = 1,
+        adversarial_first: bool = False,
     ) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor | None]:
         """``(loss, parts, adversarial logits, natural logits or None)`` with ``forward`` as the
-        network (the model, or AWP's functional copy); ``prior``: class-prior rows of ``y``."""
+        network (the model, or AWP's functional copy); ``prior``: class-prior rows of ``y``.
+        ``views=2``: ``x`` is ``[x; x_aug]`` and the robust term of the second half is weighted
+        by ``aug_weight``."""
         if self.objective == "pgd_at":
             adv_logits = forward(x_adv)
             return F.cross_entropy(adv_logits, y), {}, adv_logits, None
-        nat_logits = forward(x)  # natural first, then adversarial: the TRADES code's order
-        adv_logits = forward(x_adv)
+        if adversarial_first:  # the GKL-AT code's order
+            adv_logits = forward(x_adv)
+            nat_logits = forward(x)
+        else:  # natural first, then adversarial: the TRADES code's order
+            nat_logits = forward(x)
+            adv_logits = forward(x_adv)
         ce = F.cross_entropy(nat_logits, y)
-        if self.objective == "trades":
-            robust = self.trades_beta * self.robust_loss(adv_logits, nat_logits, y)
+        if views == 1:
+            robust = self._robust(adv_logits, nat_logits, y, prior)
         else:
-            robust = self.robust_loss(adv_logits, nat_logits, y, class_prior=prior)
+            b = len(y) // 2
+            rows = (None, None) if prior is None else (prior[:b], prior[b:])
+            robust = self._robust(
+                adv_logits[:b], nat_logits[:b], y[:b], rows[0]
+            ) + self.aug_weight * self._robust(adv_logits[b:], nat_logits[b:], y[b:], rows[1])
         loss = self.ce_weight * ce + robust
         return loss, {"ce": ce, "robust": robust}, adv_logits, nat_logits
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        x_adv = self.adversarial_examples(x, y)
+    def _robust(self, adv: Tensor, nat: Tensor, y: Tensor, prior: Tensor | None) -> Tensor:
+        if self.objective == "trades":
+            return self.trades_beta * self.robust_loss(adv, nat, y)
+        return self.robust_loss(adv, nat, y, class_prior=prior)
+
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        x, y, *second = batch
+        views = 1 + len(second)
+        if views == 2:
+            if self.objective == "pgd_at":
+                raise ValueError("objective='pgd_at' does not train on a second view")
+            first_y = y
+            x, y = torch.cat((x, second[0])), torch.cat((y, y))
         prior = self.class_prior.rows(y, x.dtype) if self.class_prior is not None else None
+        x_adv = self.adversarial_examples(x, y, prior)
         if self.awp_active():
+            # AWP ascends the unsplit loss over all views (the authors' calc_awp).
             self._awp = awp_perturbation(
                 self.model,
                 lambda forward: self.objective_loss(forward, x, x_adv, y, prior)[0],
                 self.awp_gamma,
             )
             add_perturbation(self.model, self._awp, 1.0)
-        loss, parts, adv_logits, nat_logits = self.objective_loss(self.model, x, x_adv, y, prior)
+        loss, parts, adv_logits, nat_logits = self.objective_loss(
+            self.model, x, x_adv, y, prior, views, self.adversarial_first
+        )
         if self.class_prior is not None:
-            self.class_prior.update(nat_logits, y)
+            if views == 2:
+                self.class_prior.update(nat_logits[: len(first_y)], first_y)
+            else:
+                self.class_prior.update(nat_logits, y)
         self.log_train(loss, adv_logits, y, parts)
         self.log("train/eps", self.eps * self.eps_factor(), on_step=False, on_epoch=True)
         return loss
@@ -214,6 +317,12 @@ class AdversarialTask(ClassificationTask):
                 "this experiment trains on generated images: set data.generated_path=<DM-AT "
                 ".npz with 'image' (N, 32, 32, 3) uint8 and 'label'>"
             )
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """After the epoch's last batch (before validation): fold the epoch-end weights into the
+        weight average."""
+        if self.averaged_model is not None and batch_idx + 1 == self.trainer.num_training_batches:
+            self.averaged_model.update(self.model, self.current_epoch + 1)
 
     def on_train_epoch_end(self) -> None:
         if self.class_prior is not None:
@@ -267,8 +376,7 @@ def _check_loss(objective: str, loss: nn.Module | None) -> nn.Module | None:
         if not isinstance(loss, TradesKLLoss):
             raise ValueError(
                 f"objective='trades' uses TradesKLLoss (weighted by task.trades_beta), got "
-                f"{type(loss).__name__}: set loss._target_=gkl.losses.TradesKLLoss (as "
-                "conf/experiment/fmnist_trades.yaml does); for GKL use objective='gkl' loss=gkl"
+                f"{type(loss).__name__}: set loss=trades_kl; for GKL use objective='gkl' loss=gkl"
             )
     elif objective == "gkl":
         if not isinstance(loss, GKLLoss | DKLLoss):
@@ -279,3 +387,40 @@ def _check_loss(objective: str, loss: nn.Module | None) -> nn.Module | None:
             f"objective='pgd_at' trains on CE(f(x_adv), y); use loss=ce, got {type(loss).__name__}"
         )
     return loss if objective != "pgd_at" else None
+
+
+def _check_attack_loss(objective: str, attack_loss: nn.Module | None) -> nn.Module | None:
+    """``attack_loss`` if the inner maximisation can compute it, else a ``ValueError``."""
+    if attack_loss is None:
+        return None
+    name = type(attack_loss).__name__
+    if objective == "pgd_at":
+        raise ValueError(
+            f"task.attack_loss={name} is not used by objective='pgd_at' (PGD on CE(f(x'), y) "
+            "from a uniform random start); set task.attack_loss=null"
+        )
+    if not isinstance(attack_loss, tuple(ATTACK_LOSSES.values())):
+        valid = ", ".join(f"{k} ({v.__name__})" for k, v in ATTACK_LOSSES.items())
+        raise ValueError(
+            f"task.attack_loss={name} cannot be the inner maximisation's objective: the attack "
+            "only has the adversarial logits f(x'), the natural logits f(x) (in place of a "
+            "teacher), the labels and the class-prior rows. Valid losses: "
+            f"{valid}, or null (the TRADES KL ascent)"
+        )
+    return attack_loss
+
+
+def _class_prior(
+    num_classes: int, objective: str, loss: nn.Module | None, attack_loss: nn.Module | None
+) -> ClassPrior | None:
+    """One :class:`ClassPrior` for the training loss and the attack loss that use it (the same
+    ``softmax(f(x) / T2)`` statistics feed both), or ``None``."""
+    users = [m for m in (loss if objective == "gkl" else None, attack_loss) if m is not None]
+    users = [m for m in users if getattr(m, "use_class_prior", False)]
+    temperatures = {m.temperature2 for m in users}
+    if len(temperatures) > 1:
+        raise ValueError(
+            "loss.temperature2 and task.attack_loss.temperature2 differ "
+            f"({sorted(temperatures)}): both read the same class prior; make them equal"
+        )
+    return ClassPrior(num_classes, temperature=temperatures.pop()) if users else None

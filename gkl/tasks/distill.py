@@ -17,7 +17,8 @@ from .classify import ClassificationTask, OptimizerFactory, SchedulerFactory
 
 
 class DistillationTask(ClassificationTask):
-    """``loss = ce_weight * CE(s, y) + min((epoch + 1) / warmup_epochs, 1) * distill(s, t, y)``.
+    """``loss = ce_weight * CE(s, y) + distill_weight * min((epoch + 1) / warmup_epochs, 1) *
+    distill(s, t, y)``.
 
     The teacher is wrapped in :class:`FrozenTeacher` (eval mode, no grad, excluded from the
     optimiser and, unless ``save_teacher``, from checkpoints). When the distillation loss has
@@ -37,6 +38,7 @@ class DistillationTask(ClassificationTask):
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None = None,
         ce_weight: float = 1.0,
+        distill_weight: float = 1.0,
         warmup_epochs: int = 0,
         save_teacher: bool = False,
         cache_teacher_outputs: bool = False,
@@ -50,6 +52,7 @@ class DistillationTask(ClassificationTask):
         self.teacher = teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher)
         self.distill_loss = loss
         self.ce_weight = ce_weight
+        self.distill_scale = distill_weight
         self.warmup_epochs = warmup_epochs
         self.save_teacher = save_teacher
         self.cache_teacher_outputs = cache_teacher_outputs
@@ -60,9 +63,10 @@ class DistillationTask(ClassificationTask):
         self.teacher_val_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def distill_weight(self) -> float:
+        """``distill_weight * min((epoch + 1) / warmup_epochs, 1)`` (0-based ``epoch``)."""
         if self.warmup_epochs <= 0:
-            return 1.0
-        return min((self.current_epoch + 1) / self.warmup_epochs, 1.0)
+            return self.distill_scale
+        return self.distill_scale * min((self.current_epoch + 1) / self.warmup_epochs, 1.0)
 
     def on_fit_start(self) -> None:
         datamodule = self.trainer.datamodule

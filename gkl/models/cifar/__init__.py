@@ -1,4 +1,5 @@
-"""CIFAR model zoo under mdistiller's names; state_dict keys and shapes match mdistiller.
+"""mdistiller's model zoo under its names (the CIFAR networks, and the ImageNet MobileNetV1
+student of :mod:`gkl.models.mobilenetv1`); state_dict keys and shapes match mdistiller.
 
 All models map normalised ``(B, C, 32, 32)`` images to logits. ``wrn_28_10`` / ``wrn_34_10``
 follow the TRADES / RobustBench WideResNet definition.
@@ -34,6 +35,7 @@ from gkl.models.cifar.wrn import (
     wrn_40_1,
     wrn_40_2,
 )
+from gkl.models.mobilenetv1 import mobilenet_v1
 
 CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet8": resnet8,
@@ -61,6 +63,7 @@ CIFAR_MODELS: dict[str, Callable[..., nn.Module]] = {
     "ShuffleV2": ShuffleV2,
     "ResNet18": ResNet18,
     "ResNet50": ResNet50,
+    "MobileNetV1": mobilenet_v1,  # ImageNet (224 x 224)
 }
 
 __all__ = [
