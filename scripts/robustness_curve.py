@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from gkl.attacks import parse_eps, quiet_eps_warnings
+from gkl.attacks import ThreatModel
 from gkl.config import compose_config
 from gkl.evaluate import autoattack_accuracy, clean_accuracy, pgd_accuracy
 from gkl.evaluate.run import load_model, test_tensors
@@ -56,15 +56,14 @@ def curve(args: argparse.Namespace, overrides: list[str]) -> dict:
         "eval.yaml",
         [f"ckpt_path={args.ckpt[0]}", f"paths.output_dir={args.out.parent}", *overrides],
     )
-    budgets = [parse_eps(e, norm=cfg.norm) for e in args.eps]
+    budgets = [ThreatModel.parse(e, norm=cfg.norm).eps for e in args.eps]
     x, y = test_tensors(build_datamodule(cfg.data), args.n_examples)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     attacks = [a for a in args.autoattack.split(",") if a]
     results = {}
     for ckpt, label in zip(args.ckpt, args.label or args.ckpt, strict=True):
         model = load_model(cfg.model, ckpt, cfg.weights).to(device)
-        with quiet_eps_warnings():  # parse_eps above has warned once per budget
-            pgd, aa = accuracies(model, x, y, budgets, attacks, args, cfg)
+        pgd, aa = accuracies(model, x, y, budgets, attacks, args, cfg)
         results[label] = {
             "checkpoint": str(ckpt),
             "eps": budgets,

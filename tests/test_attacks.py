@@ -153,9 +153,9 @@ def test_attacks_run_in_eval_mode_restore_modes_and_leave_grads(digits, training
         p.grad = g.clone()
     try:
         if attack == "pgd":
-            pgd(probe, x[:32], y[:32], eps="8/255", step_size="2/255", steps=3)
+            pgd(probe, x[:32], y[:32], eps=8 / 255, step_size=2 / 255, steps=3)
         else:
-            trades_perturb(probe, x[:32], eps="8/255", step_size="2/255", steps=3)
+            trades_perturb(probe, x[:32], eps=8 / 255, step_size=2 / 255, steps=3)
         assert probe.seen and not any(probe.seen)
         assert [m.training for m in probe.modules()] == modes
         for p, g in zip(probe.parameters(), sentinel, strict=True):
@@ -293,3 +293,21 @@ def test_trades_perturb_l2_stays_in_ball(digits):
     assert (x_adv - x).flatten(1).norm(dim=1).max().item() <= 0.5 * (1 + 1e-5)
     with pytest.raises(ValueError, match="steps >= 1"):
         trades_perturb(model, x, eps=0.5, step_size=0.1, steps=0, norm="L2")
+
+
+@pytest.mark.parametrize("attack", ["pgd", "trades"])
+def test_attacks_take_parsed_floats_and_refuse_nan_pixels(digits, attack):
+    model, x, y = digits
+    run = (
+        (lambda xs, **kw: pgd(model, xs, y[:4], steps=1, **kw))
+        if attack == "pgd"
+        else (lambda xs, **kw: trades_perturb(model, xs, steps=1, **kw))
+    )
+    with pytest.raises(TypeError, match="ThreatModel.parse"):
+        run(x[:4], eps="8/255", step_size=2 / 255)
+    with pytest.raises(ValueError, match="step_size"):
+        run(x[:4], eps=8 / 255, step_size=-1.0)
+    bad = x[:4].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        run(bad, eps=8 / 255, step_size=2 / 255)

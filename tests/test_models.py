@@ -147,11 +147,13 @@ def test_timm_model_offline():
     model = create_timm_model("resnet18", num_classes=10, pretrained=False).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
-    gray = create_model("timm/resnet18", 10, in_chans=1).eval()
+    gray = create_timm_model("resnet18", 10, in_chans=1).eval()
     with torch.no_grad():
         assert gray(torch.randn(1, 1, 32, 32)).shape == (1, 10)
     with pytest.raises(ValueError, match="resnet18"):
-        create_model("timm/resnet81", 10)
+        create_timm_model("resnet81", 10)
+    with pytest.raises(ValueError, match="source=timm"):
+        create_model("timm/resnet18", 10)
 
 
 def _randomise_bn(model: nn.Module) -> None:
@@ -277,3 +279,28 @@ def test_normalize_false_feeds_the_images_unchanged():
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(wrapped(x), wrapped.model(x))
     assert set(wrapped.state_dict()) == {f"model.{k}" for k in wrapped.model.state_dict()}
+
+
+def test_select_weights_prefers_the_started_weight_average_then_the_ema():
+    from gkl.models.checkpoint import select_weights
+
+    def ckpt(count=None, ema=False):
+        state = {"model.w": torch.tensor(1.0)}
+        if ema:
+            state["ema_model.w"] = torch.tensor(2.0)
+        if count is not None:
+            state["averaged_model.model.w"] = torch.tensor(3.0)
+            state["averaged_model.count"] = torch.tensor(count)
+        return {"state_dict": state}
+
+    def value(obj, weights="auto"):
+        sd, chosen = select_weights(obj, weights)
+        return float(sd["w"]), chosen
+
+    assert value(ckpt()) == (1.0, "model")
+    assert value(ckpt(ema=True)) == (2.0, "ema")
+    assert value(ckpt(count=2, ema=True)) == (3.0, "average")
+    assert value(ckpt(count=0)) == (1.0, "model")  # the average has not started yet
+    assert value(ckpt(count=2), "model") == (1.0, "model")
+    with pytest.raises(ValueError, match="weights=average"):
+        select_weights(ckpt(count=0), "average")

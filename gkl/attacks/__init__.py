@@ -4,9 +4,9 @@ from gkl.attacks.eps import (
     THREAT_NORMS,
     ThreatModel,
     as_k_over_255,
+    check_budget,
     parse_eps,
     parse_number,
-    quiet_eps_warnings,
 )
 from gkl.attacks.pgd import LOSSES, NORMS, check_unit_range, eval_mode, pgd, trades_perturb
 
@@ -16,11 +16,11 @@ __all__ = [
     "THREAT_NORMS",
     "ThreatModel",
     "as_k_over_255",
+    "check_budget",
     "check_unit_range",
     "eval_mode",
     "parse_eps",
     "parse_number",
     "pgd",
-    "quiet_eps_warnings",
     "trades_perturb",
 ]

@@ -5,13 +5,10 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 _INT = re.compile(r"^[+-]?\d+$")
 _SAME = 1e-6  # tolerance for "equal": float32 round-off of k/255 (<= 6e-8) counts as equal
-_NEAR_MESSAGE = r".* differs from \d+/255="
 
 
 def parse_number(value: float | int | str, name: str = "value") -> float:
@@ -128,10 +125,23 @@ class ThreatModel:
         return f"{k}/255" if self.norm == "Linf" and k is not None else f"{self.eps:g}"
 
 
-@contextmanager
-def quiet_eps_warnings() -> Iterator[None]:
-    """Silence :func:`parse_eps`'s "differs from k/255" warning. Deprecated: parse once with
-    :class:`ThreatModel` instead; kept only until gkl.tasks stops importing it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_NEAR_MESSAGE, category=UserWarning)
-        yield
+def check_budget(value: float, *, norm: str = "Linf", name: str = "eps") -> float:
+    """An attack's check of an already parsed budget: a finite float >= 0 (<= 1 for Linf).
+
+    Strings such as ``"8/255"`` are refused here: they are parsed once, where the user types
+    them (:meth:`ThreatModel.parse`), and attacks take the resulting float.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(
+            f"{name}={value!r}: attacks take a parsed float; parse what the user typed once "
+            f"with ThreatModel.parse({value!r}).eps"
+        )
+    number = float(value)
+    if norm == "Linf" and number > 1:
+        raise ValueError(
+            f"{name}={value!r} must be in [0, 1] pixel units; write {number:g}/255 if you meant "
+            "0-255 units"
+        )
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0")
+    return number

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gkl.attacks.eps import parse_eps, parse_number
+from gkl.attacks.eps import check_budget
 
 NORMS = ("Linf", "L2")
 LOSSES = ("ce", "kl")
@@ -35,9 +35,9 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def check_unit_range(x: Tensor, name: str = "x") -> None:
-    """Raise ``ValueError`` unless every entry of ``x`` lies in [0, 1]."""
+    """Raise ``ValueError`` unless every entry of ``x`` lies in [0, 1] (NaN included)."""
     lo, hi = x.min().item(), x.max().item()
-    if lo < 0 or hi > 1:
+    if not (lo >= 0 and hi <= 1):  # NaN fails both comparisons
         raise ValueError(
             f"{name} must lie in [0, 1] (normalise inside the model); "
             f"got range [{lo:.4g}, {hi:.4g}]"
@@ -129,8 +129,8 @@ def pgd(
     x: Tensor,
     y: Tensor,
     *,
-    eps: float | str,
-    step_size: float | str,
+    eps: float,
+    step_size: float,
     steps: int,
     norm: str = "Linf",
     random_start: bool = True,
@@ -150,8 +150,8 @@ def pgd(
         raise ValueError(f"unknown loss {loss!r}; valid names: {', '.join(LOSSES)}")
     if steps < 0 or restarts < 1:
         raise ValueError(f"need steps >= 0 and restarts >= 1, got {steps=}, {restarts=}")
-    eps = parse_eps(eps, norm=norm)
-    step_size = parse_number(step_size, "step_size")
+    eps = check_budget(eps, norm=norm)
+    step_size = check_budget(step_size, norm=norm, name="step_size")
     if y.shape != x.shape[:1]:
         raise ValueError(f"y must have shape {tuple(x.shape[:1])}, got {tuple(y.shape)}")
     check_unit_range(x)
@@ -191,8 +191,8 @@ def trades_perturb(
     model: nn.Module,
     x: Tensor,
     *,
-    eps: float | str,
-    step_size: float | str,
+    eps: float,
+    step_size: float,
     steps: int,
     norm: str = "Linf",
     generator: torch.Generator | None = None,
@@ -212,8 +212,8 @@ def trades_perturb(
     _check_norm(norm)
     if steps < 1:
         raise ValueError(f"TRADES needs steps >= 1, got {steps}")
-    eps = parse_eps(eps, norm=norm)
-    step_size = parse_number(step_size, "step_size")
+    eps = check_budget(eps, norm=norm)
+    step_size = check_budget(step_size, norm=norm, name="step_size")
     check_unit_range(x)
     _check_autograd()
     x = x.detach()

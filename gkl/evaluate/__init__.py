@@ -23,7 +23,6 @@ from gkl.evaluate.protocol import (
     check_eval_mode,
     check_protocol,
     clean_accuracy,
-    default_step_size,
     model_device,
     pgd_accuracy,
 )
@@ -35,7 +34,6 @@ __all__ = [
     "check_eval_mode",
     "check_protocol",
     "clean_accuracy",
-    "default_step_size",
     "eps_to_fraction_string",
     "evaluate",
     "model_card",

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from gkl.attacks import check_unit_range, pgd
+from gkl.attacks.defaults import default_step_size
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -58,11 +59,6 @@ def budget(eps: float) -> float:
             "gkl.attacks.ThreatModel.parse('8/255').eps"
         )
     return float(eps)
-
-
-def default_step_size(eps: float, steps: int) -> float:
-    """Madry et al.'s rule of thumb: step = 2.5 * eps / steps (reaches the boundary from x)."""
-    return 2.5 * eps / max(steps, 1)
 
 
 def count_correct(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> int:

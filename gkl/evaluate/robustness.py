@@ -9,13 +9,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from gkl.attacks.defaults import default_step_size
 from gkl.evaluate.autoattack_runner import autoattack_run
 from gkl.evaluate.protocol import (
     budget,
     check_protocol,
     check_sizes,
     count_correct,
-    default_step_size,
     pgd_correct,
 )
 

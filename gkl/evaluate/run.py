@@ -23,12 +23,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gkl.attacks import ThreatModel, parse_number
+from gkl.attacks.defaults import default_step_size
 from gkl.config import CONFIG_DIR
 from gkl.data import FashionMNISTDataModule, ImageNetDataModule
 from gkl.data.build import build_datamodule
 from gkl.data.imagenet import ROBUSTBENCH_IDS
 from gkl.evaluate.model_card import DATASETS, model_card, write_model_card
-from gkl.evaluate.protocol import check_sizes, default_step_size, pgd_accuracy
+from gkl.evaluate.protocol import check_sizes, pgd_accuracy
 from gkl.evaluate.robustness import evaluate, verdict
 from gkl.io import atomic_write_json
 from gkl.models.checkpoint import load_state_dict_strict, read_checkpoint, select_weights

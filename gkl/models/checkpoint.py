@@ -239,16 +239,17 @@ def load_mdistiller_checkpoint(
 
 
 # Lightning checkpoints of gkl's tasks: the task attribute that holds each `weights` choice.
-TASK_WEIGHTS = {"model": "model", "ema": "ema_model"}
+TASK_WEIGHTS = {"model": "model", "ema": "ema_model", "average": "averaged_model.model"}
 
 
 def select_weights(obj: Any, weights: str = "auto", source: str = "checkpoint") -> tuple[Any, str]:
     """The weights to evaluate from a loaded checkpoint and what they are.
 
-    In a Lightning checkpoint of a gkl task, ``weights="auto"`` takes the EMA (``ema_model``)
-    when the task kept one, else the trained ``model``; ``"ema"`` requires the EMA, ``"model"``
-    takes the trained weights. Returns ``(state_dict of that module, "ema" | "model")``. Any other
-    file (``{"model": sd}``, a bare state_dict) is returned as is with ``"network"``.
+    In a Lightning checkpoint of a gkl task, ``weights="auto"`` takes the released weights: the
+    epoch-level weight average (``averaged_model``, once started), else the EMA (``ema_model``)
+    when the task kept one, else the trained ``model``; ``"average"`` / ``"ema"`` require them,
+    ``"model"`` takes the trained weights. Returns ``(state_dict, "average" | "ema" | "model")``.
+    Any other file (``{"model": sd}``, a bare state_dict) is returned as is with ``"network"``.
     """
     choices = ("auto", *TASK_WEIGHTS)
     if weights not in choices:
@@ -267,5 +268,18 @@ def select_weights(obj: Any, weights: str = "auto", source: str = "checkpoint") 
         )
     if "model" not in present:
         return obj, "network"
-    chosen = weights if weights != "auto" else ("ema" if "ema" in present else "model")
+    if weights == "average" and not _average_started(state):
+        raise ValueError(
+            f"weights=average but {source} holds no started epoch-level weight average "
+            "(task.weight_average): use weights=auto or weights=model"
+        )
+    chosen = weights
+    if weights == "auto":
+        chosen = "average" if _average_started(state) else "ema" if "ema" in present else "model"
     return _strip(state, prefixes[chosen]), chosen
+
+
+def _average_started(state: Any) -> bool:
+    """Whether a task checkpoint holds an epoch-level weight average with >= 1 epoch folded in."""
+    count = state.get("averaged_model.count") if isinstance(state, Mapping) else None
+    return count is not None and int(count) > 0

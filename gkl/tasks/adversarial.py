@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from gkl.attacks import NORMS, parse_eps, parse_number, pgd, quiet_eps_warnings, trades_perturb
+from gkl.attacks import NORMS, ThreatModel, parse_number, pgd, trades_perturb
 from gkl.attacks.defaults import default_step_size
 from gkl.losses import (
     ClassPrior,
@@ -137,7 +137,7 @@ class AdversarialTask(ClassificationTask):
         self.attack_loss = _check_attack_loss(objective, attack_loss)
         self.aug_weight = aug_weight
         self.adversarial_first = adversarial_first
-        self.eps = parse_eps(eps, norm=norm)
+        self.eps = ThreatModel.parse(eps, norm=norm).eps  # the one place a config's eps is parsed
         self.step_size = parse_number(step_size, "step_size")
         self.steps = steps
         self.norm = norm
@@ -195,27 +195,24 @@ class AdversarialTask(ClassificationTask):
         prior rows of ``y`` (for an ``attack_loss`` with ``use_class_prior``)."""
         factor = self.eps_factor()
         eps, step = self.eps * factor, self.step_size * factor
-        with quiet_eps_warnings():  # the ramped eps is rarely some k/255
-            if self.objective == "pgd_at":
-                return pgd(
-                    self.model, x, y, eps=eps, step_size=step, steps=self.steps, norm=self.norm
-                )
-            objective = None
-            attack_loss = self.attack_loss
-            if attack_loss is not None and not isinstance(attack_loss, TradesKLLoss):
+        if self.objective == "pgd_at":
+            return pgd(self.model, x, y, eps=eps, step_size=step, steps=self.steps, norm=self.norm)
+        objective = None
+        attack_loss = self.attack_loss
+        if attack_loss is not None and not isinstance(attack_loss, TradesKLLoss):
 
-                def objective(adv_logits: Tensor, nat_logits: Tensor) -> Tensor:
-                    return attack_loss(adv_logits, nat_logits, y, class_prior=prior)
+            def objective(adv_logits: Tensor, nat_logits: Tensor) -> Tensor:
+                return attack_loss(adv_logits, nat_logits, y, class_prior=prior)
 
-            return trades_perturb(
-                self.model,
-                x,
-                eps=eps,
-                step_size=step,
-                steps=self.steps,
-                norm=self.norm,
-                objective=objective,
-            )
+        return trades_perturb(
+            self.model,
+            x,
+            eps=eps,
+            step_size=step,
+            steps=self.steps,
+            norm=self.norm,
+            objective=objective,
+        )
 
     def objective_loss(
         self,
@@ -351,17 +348,16 @@ class AdversarialTask(ClassificationTask):
         # Lightning validates in inference mode; attacks need autograd on normal tensors.
         with torch.inference_mode(False):
             xs, ys = x[:take].clone(), y[:take].clone()
-            with quiet_eps_warnings():
-                x_adv = pgd(
-                    self.eval_model,
-                    xs,
-                    ys,
-                    eps=self.eps,
-                    step_size=default_step_size(self.eps, self.val_pgd_steps),
-                    steps=self.val_pgd_steps,
-                    norm=self.norm,
-                    generator=self._val_generator,
-                )
+            x_adv = pgd(
+                self.eval_model,
+                xs,
+                ys,
+                eps=self.eps,
+                step_size=default_step_size(self.eps, self.val_pgd_steps),
+                steps=self.val_pgd_steps,
+                norm=self.norm,
+                generator=self._val_generator,
+            )
             with torch.no_grad():
                 logits = self.eval_model(x_adv)
         self.val_pgd_acc(logits, ys)
