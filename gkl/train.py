@@ -203,6 +203,6 @@ def export_weights(model: torch.nn.Module, path: Path) -> None:
 def main(cfg: DictConfig) -> float | None:
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     metrics = run(cfg)
-    print_run_summary(cfg, metrics, (METRICS_FILE, SMOKE_METRICS_FILE))
+    print_run_summary(cfg, metrics, METRICS_FILE, SMOKE_METRICS_FILE)
     optimized = cfg.get("optimized_metric")
     return metrics.get(optimized) if optimized else None

@@ -56,7 +56,6 @@ class Run:
     method: str | None = None  # students: a key of METHODS
     seed: int = 0
     process: subprocess.Popen | None = None
-    started: float = 0.0
     status: str = "waiting"
     log_file: object = field(default=None, repr=False)
 
@@ -89,7 +88,6 @@ class Run:
         self.status = f"resumed from {checkpoint.name}" if checkpoint else "running"
         self.log_file = (self.run_dir / "console.log").open("a")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        env["PYTHONWARNINGS"] = "default"  # warnings are kept, in console.log
         self.process = subprocess.Popen(
             self.command(),
             cwd=ROOT,
@@ -97,7 +95,6 @@ class Run:
             stderr=subprocess.STDOUT,
             env=env,
         )
-        self.started = time.monotonic()
 
     def poll(self) -> int | None:
         code = self.process.poll() if self.process else None
@@ -180,6 +177,9 @@ def run_all(runs: list[Run], jobs: int) -> list[Run]:
     """
     teacher = next(r for r in runs if r.method is None)
     pending = [r for r in runs if not r.done]
+    if not any(r.needs_teacher for r in pending):  # e.g. --methods ce: no teacher to train
+        pending = [r for r in pending if r is not teacher]
+        teacher.status = "not needed"
     for run in runs:
         if run.done:
             run.status = "done (reused)"
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     if (teacher.run_dir / "metrics.json").is_file():
         print(f"teacher {TEACHER_NAME}: test acc {test_acc(teacher.run_dir):.2f}%")
     else:
-        print(f"teacher: {teacher.done_file} (trained outside this demo)")
+        print(f"teacher: {teacher.done_file} (trained outside this demo, or not needed)")
     print(format_table(results, args.seeds))
 
     from plot_runs import plot_accuracy_curves  # scripts/, beside this file
@@ -342,12 +342,14 @@ def main(argv: list[str] | None = None) -> int:
     teacher_acc = (
         test_acc(teacher.run_dir) if (teacher.run_dir / "metrics.json").is_file() else None
     )
-    reference = (teacher_acc, f"teacher {TEACHER_NAME}: test acc {teacher_acc:.2f}%")
+    reference = None
+    if teacher_acc is not None:
+        reference = (teacher_acc, f"teacher {TEACHER_NAME}: test acc {teacher_acc:.2f}%")
     plot_accuracy_curves(
         curves(labels),
         png,
         ylabel=f"validation accuracy % ({describe_val(students[0].run_dir)})",
-        reference=reference if teacher_acc is not None else None,
+        reference=reference,
         title=f"Fashion-MNIST students: {describe_student(students[0].run_dir)}",
     )
     print(f"curves: {png}")

@@ -49,7 +49,7 @@ class MetricsProgressBar(RichProgressBar):
 
 
 class ProgressFile(pl.Callback):
-    """Writes ``path`` (JSON, atomically) at fit start and after every epoch's validation.
+    """Writes ``path`` (JSON, atomically) at train start and after every epoch's validation.
 
     ``{"epoch": epochs done, "max_epochs", "seconds_per_epoch", "history": [{"epoch", metric:
     value, ...}, ...]}``, the history holding ``metrics`` per finished epoch. A resumed run keeps
@@ -77,7 +77,8 @@ class ProgressFile(pl.Callback):
         atomic_write_json(self.path, record)
 
     @rank_zero_only
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After Lightning restored the loops from a checkpoint: current_epoch is the one to run.
         self._start_epoch = trainer.current_epoch
         self._start_time = time.monotonic()
         previous = read_progress(self.path)
@@ -117,11 +118,15 @@ def run_summary(out_dir: str | Path, metrics: Mapping[str, float], metrics_file:
 
 
 @rank_zero_only
-def print_run_summary(cfg: Any, metrics: Mapping[str, float], file_names: Sequence[str]) -> None:
-    """Print :func:`run_summary` for a ``train.py`` run; its metrics file is the newest of
-    ``file_names`` in the run directory (metrics.json, or the smoke-test file)."""
+def print_run_summary(
+    cfg: Any, metrics: Mapping[str, float], metrics_name: str, smoke_name: str
+) -> None:
+    """Print :func:`run_summary` for a ``train.py`` run: its metrics file is ``metrics_name``, or
+    ``smoke_name`` when that is the one the run wrote (synthetic data or fast_dev_run)."""
     out_dir = Path(cfg.paths.output_dir)
-    candidates = [out_dir / name for name in file_names]
-    written = [p for p in candidates if p.is_file()]
-    metrics_file = max(written, key=lambda p: p.stat().st_mtime) if written else candidates[0]
-    print(run_summary(out_dir, metrics, metrics_file), flush=True)
+    metrics_file, smoke_file = out_dir / metrics_name, out_dir / smoke_name
+    smoke = smoke_file.is_file() and (
+        not metrics_file.is_file() or smoke_file.stat().st_mtime >= metrics_file.stat().st_mtime
+    )
+    line = run_summary(out_dir, metrics, smoke_file if smoke else metrics_file)
+    print(line + (" (smoke test: NOT a result)" if smoke else ""), flush=True)
