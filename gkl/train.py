@@ -17,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from gkl.config import CONFIG_DIR
 from gkl.data.build import build_datamodule
+from gkl.losses import CrossEntropyLoss
+from gkl.tasks.progress import print_run_summary
 from gkl.tasks.speed import apply_speed, check_distributed, exclude_rank_local_buffers
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,11 @@ def check_class_counts(student: torch.nn.Module, teacher: torch.nn.Module | None
 
 
 def build_task(cfg: DictConfig, model, teacher, loss, num_classes: int) -> pl.LightningModule:
-    """Call the task partial with the pieces its constructor accepts."""
+    """Call the task partial with the pieces its constructor accepts; fail on a piece it would drop.
+
+    A configured teacher or a loss other than plain cross-entropy that the task does not take, or a
+    ``task.<key>`` its constructor lacks, is an error before training, not silently ignored.
+    """
     task_factory = instantiate(cfg.task)
     pieces = {
         "model": model,
@@ -79,13 +85,26 @@ def build_task(cfg: DictConfig, model, teacher, loss, num_classes: int) -> pl.Li
         "scheduler": instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
     }
     accepted = inspect.signature(task_factory.func).parameters
+    task_name = cfg.task._target_
+    unknown = sorted(set(task_factory.keywords) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"task {task_name} has no option {', '.join(f'task.{k}' for k in unknown)} (set by the "
+            f"experiment for another task?); remove it: {' '.join(f'~task.{k}' for k in unknown)}"
+        )
     if teacher is not None and "teacher" not in accepted:
         raise ValueError(
-            f"a teacher is configured but task {cfg.task._target_} does not use one; "
+            f"a teacher is configured but task {task_name} does not use one; "
             "use task=distill or teacher=none"
         )
     if "teacher" in accepted and teacher is None:
         raise ValueError("task=distill needs a teacher: set teacher=<name> (see conf/teacher/)")
+    if loss is not None and "loss" not in accepted and not isinstance(loss, CrossEntropyLoss):
+        raise ValueError(
+            f"loss {cfg.loss._target_} is configured but task {task_name} trains with plain "
+            "cross-entropy and would ignore it; use loss=ce for a CE-only run, or task=distill "
+            "teacher=<name> to distil with this loss"
+        )
     return task_factory(**{k: v for k, v in pieces.items() if k in accepted})
 
 
@@ -163,5 +182,6 @@ def export_weights(model: torch.nn.Module, path: Path) -> None:
 def main(cfg: DictConfig) -> float | None:
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     metrics = run(cfg)
+    print_run_summary(cfg, metrics, METRICS_FILE, SMOKE_METRICS_FILE)
     optimized = cfg.get("optimized_metric")
     return metrics.get(optimized) if optimized else None

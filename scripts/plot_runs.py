@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -14,6 +15,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # gkl from this checkout
+from gkl.io import atomic_write_with  # noqa: E402
 
 PANELS = (("acc", "accuracy"), ("loss", "loss"))
 
@@ -51,6 +55,34 @@ def plot(run_dirs: list[Path], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     print(f"wrote {out}")
+
+
+def plot_accuracy_curves(
+    curves: dict[str, tuple[list[int], list[float]]],
+    out: Path,
+    ylabel: str,
+    reference: tuple[float, str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """One line per ``label: (epochs, values)``, ``reference = (value, label)`` as a dashed
+    horizontal line (e.g. the teacher's accuracy); written to ``out`` as a PNG."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (epochs, values) in curves.items():
+        ax.plot(epochs, values, label=label, linewidth=1.3)
+    if reference is not None:
+        ax.axhline(reference[0], color="black", linestyle="--", linewidth=1, label=reference[1])
+    ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_with(out, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+    return out
 
 
 def main() -> None:

@@ -48,23 +48,29 @@ class SmallCNN(nn.Module):
 
 
 class MLP(nn.Module):
-    """Flatten -> Linear -> ReLU -> Linear."""
+    """Flatten -> (Linear -> ReLU) per hidden width -> Linear."""
 
     def __init__(
         self,
-        hidden: int = 32,
+        hidden: int | Sequence[int] = 32,
         num_classes: int = 10,
         in_channels: int = 1,
         image_size: int = 28,
     ) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Flatten(), nn.Linear(in_channels * image_size * image_size, hidden), nn.ReLU()
-        )
-        self.classifier = nn.Linear(hidden, num_classes)
+        widths = [hidden] if isinstance(hidden, int) else list(hidden)
+        if not widths or min(widths) < 1:
+            raise ValueError(f"MLP hidden widths must be positive integers, got {hidden!r}")
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_channels * image_size * image_size
+        for out in widths:
+            layers += [nn.Linear(width, out), nn.ReLU()]
+            width = out
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(width, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Hidden-layer activations, the input of the classifier."""
+        """Last hidden-layer activations, the input of the classifier."""
         return self.features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,9 +82,19 @@ def fmnist_cnn(num_classes: int = 10, in_channels: int = 1, image_size: int = 28
     return SmallCNN((32, 64, 128), num_classes, in_channels, image_size)
 
 
-def fmnist_mlp(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> MLP:
-    """KD student: 784-32-10 MLP (25,450 parameters for 10 classes)."""
-    return MLP(32, num_classes, in_channels, image_size)
+def fmnist_mlp(
+    num_classes: int = 10,
+    in_channels: int = 1,
+    image_size: int = 28,
+    hidden: int | Sequence[int] = 32,
+) -> MLP:
+    """KD student MLP: 784-32-10 by default (25,450 parameters for 10 classes).
+
+    ``hidden=[512, 512]`` (conf/model/fmnist_mlp_wide.yaml, 669,706 parameters) is the demo's
+    student: enough spare capacity to overfit a 10,000-image subset, the regime where a teacher's
+    soft labels help (Hinton et al.'s MNIST setting).
+    """
+    return MLP(hidden, num_classes, in_channels, image_size)
 
 
 def fmnist_cnn_small(num_classes: int = 10, in_channels: int = 1, image_size: int = 28) -> SmallCNN:

@@ -1,0 +1,132 @@
+"""Progress a person can follow: train.py's rich bar, a per-epoch progress file, the run summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.utilities import rank_zero_only
+
+from gkl.io import atomic_write_json
+
+# What a researcher watches: training loss, clean and robust (AT) validation accuracy.
+DEFAULT_BAR_METRICS = ("train/loss", "val/acc", "val/pgd_acc")
+PROGRESS_FILE = "progress.json"
+
+
+def _scalar(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        return float(value.item()) if value.numel() == 1 else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+class MetricsProgressBar(RichProgressBar):
+    """Lightning's rich progress bar showing only ``metrics`` (those that have been logged).
+
+    The values are the latest in ``trainer.callback_metrics``: epoch means of the training loss
+    once an epoch has ended, validation accuracy after each validation.
+    """
+
+    def __init__(self, metrics: Sequence[str] = DEFAULT_BAR_METRICS, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.metric_names = tuple(metrics)
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        shown: dict[str, Any] = {}
+        for name in self.metric_names:
+            value = _scalar(trainer.callback_metrics.get(name))
+            if value is not None:
+                shown[name] = value
+        return shown
+
+
+class ProgressFile(pl.Callback):
+    """Writes ``path`` (JSON, atomically) at train start and after every epoch's validation.
+
+    ``{"epoch": epochs done, "max_epochs", "seconds_per_epoch", "history": [{"epoch", metric:
+    value, ...}, ...]}``, the history holding ``metrics`` per finished epoch. A resumed run keeps
+    the history of the epochs before its checkpoint, so the file covers the whole run.
+    """
+
+    def __init__(
+        self, path: str | Path, metrics: Sequence[str] = ("train/loss", "val/acc")
+    ) -> None:
+        self.path = Path(path)
+        self.metric_names = tuple(metrics)
+        self.history: list[dict[str, float]] = []
+        self._start_time = 0.0
+        self._start_epoch = 0
+
+    def _write(self, trainer: pl.Trainer, epochs_done: int) -> None:
+        ran = epochs_done - self._start_epoch
+        per_epoch = (time.monotonic() - self._start_time) / ran if ran > 0 else None
+        record = {
+            "epoch": epochs_done,
+            "max_epochs": trainer.max_epochs,
+            "seconds_per_epoch": per_epoch,
+            "history": self.history,
+        }
+        atomic_write_json(self.path, record)
+
+    @rank_zero_only
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After Lightning restored the loops from a checkpoint: current_epoch is the one to run.
+        self._start_epoch = trainer.current_epoch
+        self._start_time = time.monotonic()
+        previous = read_progress(self.path)
+        history = previous["history"] if previous else []
+        self.history = [h for h in history if h["epoch"] < self._start_epoch]
+        self._write(trainer, self._start_epoch)
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        entry: dict[str, float] = {"epoch": trainer.current_epoch}
+        for name in self.metric_names:
+            value = _scalar(trainer.callback_metrics.get(name))
+            if value is not None and math.isfinite(value):
+                entry[name] = value
+        self.history.append(entry)
+        self._write(trainer, trainer.current_epoch + 1)
+
+
+def read_progress(path: str | Path) -> dict[str, Any] | None:
+    """The record a :class:`ProgressFile` wrote, or ``None`` if there is none (yet)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def run_summary(out_dir: str | Path, metrics: Mapping[str, float], metrics_file: Path) -> str:
+    """One line for the end of a run: test (else validation) accuracy, run dir, metrics file."""
+    parts = []
+    for name in ("test/acc", "test/pgd_acc", "val/acc", "val/pgd_acc"):
+        if name in metrics and (name.startswith("test/") or "test/acc" not in metrics):
+            parts.append(f"{name} {100 * metrics[name]:.2f}%")
+    shown = ", ".join(parts) if parts else "no accuracy logged"
+    return f"done: {shown} | run dir {out_dir} | metrics {metrics_file}"
+
+
+@rank_zero_only
+def print_run_summary(
+    cfg: Any, metrics: Mapping[str, float], metrics_name: str, smoke_name: str
+) -> None:
+    """Print :func:`run_summary` for a ``train.py`` run: its metrics file is ``metrics_name``, or
+    ``smoke_name`` when that is the one the run wrote (synthetic data or fast_dev_run)."""
+    out_dir = Path(cfg.paths.output_dir)
+    metrics_file, smoke_file = out_dir / metrics_name, out_dir / smoke_name
+    smoke = smoke_file.is_file() and (
+        not metrics_file.is_file() or smoke_file.stat().st_mtime >= metrics_file.stat().st_mtime
+    )
+    line = run_summary(out_dir, metrics, smoke_file if smoke else metrics_file)
+    print(line + (" (smoke test: NOT a result)" if smoke else ""), flush=True)
