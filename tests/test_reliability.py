@@ -55,7 +55,7 @@ EVERY_STEP = [
     "callbacks.mid_epoch_checkpoint.every_n_train_steps=1",
     "callbacks.mid_epoch_checkpoint.save_top_k=-1",
     "callbacks.mid_epoch_checkpoint.filename='s{step}'",
-    "callbacks.mid_epoch_checkpoint.auto_insert_metric_name=false",
+    "+callbacks.mid_epoch_checkpoint.auto_insert_metric_name=false",
 ]
 
 
@@ -192,10 +192,10 @@ def test_mixed_data_run_resumes_mid_epoch_exactly(tmp_path):
     overrides = [
         "data=cifar10",
         "data.synthetic=true",
-        "data.synthetic_sizes=[60,20,20]",
+        "+data.synthetic_sizes=[60,20,20]",
         "data.batch_size=10",
-        f"data.generated_path={generated}",
-        "data.generated_fraction=0.5",  # 5 real + 5 generated a batch: 12 batches an epoch
+        f"+data.generated_path={generated}",
+        "+data.generated_fraction=0.5",  # 5 real + 5 generated a batch: 12 batches an epoch
         "data.num_workers=0",
         "model.name=fmnist_mlp",
         "+model.image_size=32",
@@ -235,7 +235,7 @@ def test_ddp_mid_epoch_resume_keeps_every_processes_class_prior_sums(tmp_path):
         "loss.use_class_prior=true",
         "loss.temperature2=4.0",
         "data.synthetic=true",
-        "data.synthetic_sizes=[256,64,64]",
+        "+data.synthetic_sizes=[256,64,64]",
         "data.batch_size=32",  # 4 steps an epoch per process
         "trainer.max_epochs=2",
         "test=false",
