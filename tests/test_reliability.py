@@ -227,43 +227,6 @@ def train_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     )
 
 
-def test_ddp_mid_epoch_resume_keeps_every_processes_class_prior_sums(tmp_path):
-    """2 CPU processes: a mid-epoch checkpoint holds both processes' prior sums, so the prior
-    after the resumed epoch equals the uninterrupted run's (it differed by up to 0.0085)."""
-    overrides = [
-        "+experiment=fmnist_kd",
-        "loss.use_class_prior=true",
-        "loss.temperature2=4.0",
-        "data.synthetic=true",
-        "+data.synthetic_sizes=[256,64,64]",
-        "data.batch_size=32",  # 4 steps an epoch per process
-        "trainer.max_epochs=2",
-        "test=false",
-        "logger=none",
-        "~callbacks.lr_monitor",
-        "~callbacks.model_checkpoint",
-        "trainer=ddp",
-        "trainer.devices=2",
-        "trainer.accelerator=cpu",
-        f"paths.root_dir={tmp_path}",
-        *EVERY_STEP,
-    ]
-    result = train_cli(*overrides, f"hydra.run.dir={tmp_path / 'ref'}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    source = tmp_path / "ref" / "checkpoints" / "s6.ckpt"  # epoch 2, step 2 of 4
-    mid = torch.load(source, weights_only=True)["state_dict"]
-    result = train_cli(*overrides, f"ckpt_path={source}", f"hydra.run.dir={tmp_path / 'resumed'}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    reference = ckpt(tmp_path / "ref", "last.ckpt")["state_dict"]
-    resumed = ckpt(tmp_path / "resumed", "last.ckpt")["state_dict"]
-    # The checkpoint's sums are the two processes' together: 2 x 2 steps x 32 images.
-    assert mid["class_prior.sums"].sum().item() == pytest.approx(128.0)
-    torch.testing.assert_close(
-        resumed["class_prior.prior"], reference["class_prior.prior"], rtol=0, atol=1e-12
-    )
-    assert_same_state(resumed, reference)
-
-
 # ----------------------------------------------------------------------------- atomic writes
 
 
@@ -288,7 +251,7 @@ def test_kill_9_while_writing_checkpoints_leaves_a_readable_one(tmp_path, monkey
     target = tmp_path / "checkpoints" / "last-step.ckpt"
     rng = random.Random(0)
     seen = set()
-    for _ in range(6):
+    for _ in range(4):
         writer = subprocess.Popen(
             [sys.executable, "-c", WRITER, str(target)],
             cwd=ROOT,
