@@ -146,6 +146,10 @@ def is_smoke_test(cfg: DictConfig, datamodule, trainer: pl.Trainer | None = None
     return bool(smoke_reasons(cfg, datamodule, trainer))
 
 
+def is_synthetic_or_dev_run(cfg: DictConfig, datamodule) -> bool:
+    return bool(getattr(datamodule, "is_synthetic", False) or cfg.trainer.get("fast_dev_run"))
+
+
 def write_metrics(
     cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float], smoke: bool | list[str]
 ) -> Path:
@@ -256,7 +260,8 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     smoke = smoke_reasons(cfg, datamodule, trainer)
     if trainer.is_global_zero:  # under DDP every process gets here; one writes
         write_metrics(cfg, trainer, metrics, smoke)
-        if cfg.get("export_weights") and not smoke:
+        # Synthetic or fast_dev_run weights are never exported; a short or small real run's are.
+        if cfg.get("export_weights") and not is_synthetic_or_dev_run(cfg, datamodule):
             export_weights(task.export_model, Path(cfg.export_weights))
     return metrics
 
