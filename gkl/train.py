@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 import warnings
@@ -13,11 +12,20 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from gkl.config import CONFIG_DIR
 from gkl.data.build import build_datamodule
+from gkl.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from gkl.losses import CrossEntropyLoss
+from gkl.run_dir import RunLock, check_run_directory, remove_stale_temp_files
+from gkl.tasks.checkpointing import (
+    ResumeStateCallback,
+    SafeCheckpointIO,
+    check_resume_config,
+    load_checkpoint,
+)
 from gkl.tasks.progress import print_run_summary
 from gkl.tasks.speed import apply_speed, check_distributed, exclude_rank_local_buffers
 
@@ -29,6 +37,8 @@ warnings.filterwarnings("ignore", message="You're resuming from a checkpoint tha
 
 SMOKE_METRICS_FILE = "metrics.smoke.json"
 METRICS_FILE = "metrics.json"
+# Fewer training or test images than this make a run a smoke test (NOT_A_RESULT).
+MIN_RESULT_IMAGES = 1000
 
 
 def has_teacher(cfg: DictConfig) -> bool:
@@ -108,11 +118,39 @@ def build_task(cfg: DictConfig, model, teacher, loss, num_classes: int) -> pl.Li
     return task_factory(**{k: v for k, v in pieces.items() if k in accepted})
 
 
-def is_smoke_test(cfg: DictConfig, datamodule) -> bool:
+def smoke_reasons(cfg: DictConfig, datamodule, trainer: pl.Trainer | None = None) -> list[str]:
+    """Why a run's metrics are not a result (empty: a real run)."""
+    reasons = []
+    if getattr(datamodule, "is_synthetic", False):
+        reasons.append("synthetic data")
+    tc = cfg.trainer
+    if tc.get("fast_dev_run"):
+        reasons.append("trainer.fast_dev_run")
+    if tc.get("max_epochs") == 0 or tc.get("max_steps") == 0:
+        reasons.append("trainer.max_epochs=0 or trainer.max_steps=0: untrained network")
+    elif trainer is not None and trainer.global_step == 0:
+        reasons.append("no training step was taken")
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        if tc.get(key) not in (None, 1.0):
+            reasons.append(f"trainer.{key}={tc.get(key)}")
+    for key in ("train_subset", "test_size"):
+        value = cfg.data.get(key)
+        if value is not None and value < MIN_RESULT_IMAGES:
+            reasons.append(f"data.{key}={value} < {MIN_RESULT_IMAGES} images")
+    return reasons
+
+
+def is_smoke_test(cfg: DictConfig, datamodule, trainer: pl.Trainer | None = None) -> bool:
+    return bool(smoke_reasons(cfg, datamodule, trainer))
+
+
+def is_synthetic_or_dev_run(cfg: DictConfig, datamodule) -> bool:
     return bool(getattr(datamodule, "is_synthetic", False) or cfg.trainer.get("fast_dev_run"))
 
 
-def write_metrics(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float], smoke: bool):
+def write_metrics(
+    cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float], smoke: bool | list[str]
+) -> Path:
     """Write last-epoch metrics; smoke tests go to a file that cannot pass for a result."""
     out_dir = Path(cfg.paths.output_dir)
     record = {
@@ -124,18 +162,71 @@ def write_metrics(cfg: DictConfig, trainer: pl.Trainer, metrics: dict[str, float
         "experiment": cfg.get("experiment_name"),
     }
     if smoke:
-        record["NOT_A_RESULT"] = "synthetic data or fast_dev_run: smoke test only"
+        why = "; ".join(smoke) if isinstance(smoke, list) else "synthetic data or fast_dev_run"
+        record["NOT_A_RESULT"] = f"smoke test only ({why})"
     path = out_dir / (SMOKE_METRICS_FILE if smoke else METRICS_FILE)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, record)
     log.info("wrote %s", path)
     return path
 
 
+def check_inputs(cfg: DictConfig) -> None:
+    """Fail before anything is built on inputs that would fail (or mislead) later."""
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed={seed!r}: the seed must be an integer, e.g. seed=0")
+    for key in ("max_epochs", "max_steps"):
+        value = cfg.trainer.get(key)
+        if value is not None and (not isinstance(value, int) or value < -1):
+            raise ValueError(f"trainer.{key}={value!r} must be an integer >= 0 (-1: no limit)")
+    if cfg.get("export_weights"):
+        check_writable(Path(cfg.export_weights), "export_weights")
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Raise unless ``path`` can be written (its nearest existing parent is a writable dir)."""
+    path = path.expanduser()
+    if path.is_dir():
+        raise ValueError(f"{what}={path} is a directory: give a file name, e.g. {path}/model.pth")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{what}={path}: {parent} is a file, not a directory; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what}={path}: {parent} is not writable; choose a writable path")
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Seed, build everything from ``cfg``, fit, test the last-epoch weights, write metrics."""
+    """Seed, build everything from ``cfg``, fit, test the last-epoch weights, write metrics.
+
+    The run directory (``paths.output_dir``) is locked for the run (:mod:`gkl.run_dir`); one that
+    holds another run is refused unless ``ckpt_path`` resumes that run.
+    """
     check_distributed(cfg.trainer)  # DDP on one process: fail before building anything
+    check_inputs(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    lock = None
+    if rank_zero_only.rank == 0:  # DDP's other processes share rank 0's run directory
+        lock = RunLock(out_dir).acquire()
+    try:
+        if lock is not None:
+            check_run_directory(out_dir, cfg.get("ckpt_path"))
+            remove_stale_temp_files(out_dir)
+        return _fit_and_test(cfg, out_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _fit_and_test(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
+    config = OmegaConf.to_container(cfg, resolve=True)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:  # before building anything: a safe, readable checkpoint of this config
+        checkpoint = load_checkpoint(ckpt_path, mmap=True)
+        for key, old, new in check_resume_config(checkpoint, config, ckpt_path):
+            log.warning("resuming with a changed config: %s: %r -> %r", key, old, new)
+        del checkpoint
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data)
     model = instantiate(cfg.model)
@@ -148,33 +239,49 @@ def run(cfg: DictConfig) -> dict[str, float]:
     exclude_rank_local_buffers(task)
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(ResumeStateCallback(config))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()]
+    )
+    if rank_zero_only.rank == 0:
+        atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if ckpt_path:
+        metrics |= _complete_finished_resume(trainer, task, datamodule, metrics)
     if cfg.get("test", True):
         # The weights after the last epoch: never a checkpoint selected on test accuracy.
         results = trainer.test(task, datamodule=datamodule, verbose=False)
         metrics |= {k: float(v) for k, v in results[0].items()}
-    smoke = is_smoke_test(cfg, datamodule)
+    smoke = smoke_reasons(cfg, datamodule, trainer)
     if trainer.is_global_zero:  # under DDP every process gets here; one writes
         write_metrics(cfg, trainer, metrics, smoke)
-        if cfg.get("export_weights") and not smoke:
+        # Synthetic or fast_dev_run weights are never exported; a short or small real run's are.
+        if cfg.get("export_weights") and not is_synthetic_or_dev_run(cfg, datamodule):
             export_weights(task.export_model, Path(cfg.export_weights))
     return metrics
+
+
+def _complete_finished_resume(trainer: pl.Trainer, task, datamodule, metrics) -> dict[str, float]:
+    """A checkpoint of a finished run resumes with nothing left to train: validate the final
+    weights (the last epoch's validation) and write the run's own ``last.ckpt``."""
+    added: dict[str, float] = {}
+    if not metrics and trainer.limit_val_batches != 0:
+        results = trainer.validate(task, datamodule=datamodule, verbose=False)
+        added = {k: float(v) for k, v in results[0].items() if k.startswith("val/")}
+    for callback in trainer.checkpoint_callbacks:
+        dirpath, name = getattr(callback, "dirpath", None), getattr(callback, "filename", None)
+        if dirpath and name == "last" and not Path(dirpath, "last.ckpt").exists():
+            trainer.save_checkpoint(Path(dirpath) / "last.ckpt")
+    return added
 
 
 def export_weights(model: torch.nn.Module, path: Path) -> None:
     """Save the bare network as ``{"model": state_dict}`` (mdistiller's format), atomically."""
     network = getattr(model, "model", model)  # unwrap Normalized
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": network.state_dict()}, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save({"model": network.state_dict()}, path.expanduser())
     log.info("exported weights to %s", path)
 
 

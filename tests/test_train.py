@@ -200,10 +200,9 @@ def test_optuna_sweep_runs_and_resumes_its_study(tmp_path):
         "test=false",
         "hydra.sweeper.n_trials=3",
         f"hydra.sweeper.storage={storage}",
-        f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]
-    for expected_trials in (3, 6):
-        result = cli(tmp_path, *args)
+    for expected_trials in (3, 6):  # the study continues; each invocation gets its sweep dir
+        result = cli(tmp_path, *args, f"hydra.sweep.dir={tmp_path / f'sweep{expected_trials}'}")
         assert result.returncode == 0, result.stderr[-3000:]
         study = optuna.load_study(study_name="fmnist_gkl", storage=storage)
         assert len(study.trials) == expected_trials

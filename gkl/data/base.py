@@ -91,6 +91,17 @@ class ImageDataModule(pl.LightningDataModule):
         super().__init__()
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"bad batch_size={batch_size} or num_workers={num_workers}")
+        for name, value in (("train_subset", train_subset), ("test_size", test_size)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(
+                    f"data.{name}={value!r} must be a positive number of images (null: all of them)"
+                )
+        if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
+            raise ValueError(
+                f"data.val_size={val_size!r} must be an integer >= 0 (0: validate on test)"
+            )
         self.data_dir = Path(data_dir).expanduser()
         self.batch_size = batch_size
         self.num_workers = num_workers

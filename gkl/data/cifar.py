@@ -17,7 +17,7 @@ from torchvision.datasets.utils import check_integrity
 
 from gkl.data.base import ImageDataModule
 from gkl.data.datasets import BatchTransform, ConcatImageDataset, ImageTensorDataset, RandomCropFlip
-from gkl.data.generated import MixedBatchSampler, load_generated_npz
+from gkl.data.generated import IndexBatchDataset, MixedBatchSampler, load_generated_npz
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,49 @@ SPECS = {
 }
 
 
+# Every global a CIFAR python batch (torchvision's / the official archives') refers to: numpy's
+# array reconstruction. Anything else (os.system, builtins.eval, ...) means a tampered file.
+CIFAR_PICKLE_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes pickled by Python 3 at protocol 2
+    }
+)
+
+
+class CIFARUnpickler(pickle.Unpickler):
+    """An unpickler that builds only dicts, lists, str/bytes/numbers and numpy arrays."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict[str, Any]:
-    """Load one CIFAR pickle (written by Python 2), with ``str`` keys."""
-    with path.open("rb") as f:
-        entry = pickle.load(f, encoding="latin1")
+    """Load one CIFAR pickle (written by Python 2), with ``str`` keys, without running code."""
+    try:
+        with path.open("rb") as f:
+            entry = CIFARUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} is not a plain CIFAR batch: it refers to {error}, which a CIFAR batch never "
+            "holds (a tampered or foreign file), so it was not loaded. Replace it with the "
+            "official archive (delete the folder and set data.download=true)."
+        ) from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
+        raise ValueError(
+            f"{path} is not a readable CIFAR batch (truncated or corrupt: {error})"
+        ) from None
+    if not isinstance(entry, dict):
+        raise ValueError(
+            f"{path} is not a CIFAR batch: expected a dict, got {type(entry).__name__}"
+        )
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
 
 
@@ -87,6 +126,9 @@ def read_cifar(
                 "data.download=true, or set data.verify_checksums=false"
             )
         entry = _unpickle(path)
+        missing_keys = {"data", spec.label_key} - set(entry)
+        if missing_keys:
+            raise ValueError(f"{path}: not a {spec.title} batch, missing {sorted(missing_keys)}")
         data = np.asarray(entry["data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise ValueError(f"{path}: 'data' must be (N, 3072) uint8, got {data.shape}")
@@ -182,18 +224,26 @@ class CIFARDataModule(ImageDataModule):
         if self.generated_set is None:
             return super().train_dataloader()
         train_set = self._require(self.train_set, "train_set")
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         sampler = MixedBatchSampler(
             num_real=len(train_set),
             num_generated=len(self.generated_set),
             batch_size=self.batch_size,
             fraction=self.generated_fraction,
             seed=self.seed,
+            num_replicas=replicas,
+            rank=rank,
         )
-        if self.trainer is not None:  # reloaded or resumed loaders continue the epoch sequence
-            sampler.set_epoch(self.trainer.current_epoch)
+        if self._resume_position is not None:  # restored from a checkpoint: continue there
+            sampler.resume(*self._resume_position)
+            self._resume_position = None
+        elif trainer is not None:  # reloaded loaders continue the epoch sequence
+            sampler.set_epoch(trainer.current_epoch)
         return DataLoader(
-            ConcatImageDataset([train_set, self.generated_set]),
-            batch_sampler=sampler,
+            IndexBatchDataset(ConcatImageDataset([train_set, self.generated_set])),
+            batch_size=None,
+            sampler=sampler,
             generator=torch.Generator().manual_seed(self.seed),
             **self._loader_kwargs(),
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import math
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,8 +26,15 @@ def read_idx(path: str | Path) -> np.ndarray:
     """Read an unsigned-byte IDX file (optionally gzipped) into a uint8 array."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise ValueError(
+            f"{path} is truncated or corrupt ({type(error).__name__}: {error}); replace it "
+            "(`sudo apt-get install --reinstall dataset-fashion-mnist`, or delete it and set "
+            "data.download=true)"
+        ) from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {data[:4].hex()})")
     ndim = data[3]

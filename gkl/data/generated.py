@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, DistributedSampler
 
 
 def load_generated_npz(
@@ -54,18 +54,30 @@ def load_generated_npz(
     return tensor_images, torch.from_numpy(labels.astype(np.int64))
 
 
-class MixedBatchSampler(Sampler[list[int]]):
+class MixedBatchSampler(DistributedSampler):
     """Batches of ``batch_size - n_gen`` real and ``n_gen = round(fraction * batch_size)``
-    generated indices over ``ConcatDataset([real, generated])`` (generated offset by ``num_real``).
+    generated indices over ``ConcatDataset([real, generated])`` (generated offset by ``num_real``),
+    sharded over ``num_replicas`` processes and resumable part-way through an epoch.
 
-    An epoch is ``num_real // n_real`` batches: each real sample appears at most once, the
+    An epoch is ``num_real // n_real`` batches in all: each real sample appears at most once, the
     remainder is dropped. Generated samples are drawn without replacement, a fresh permutation
-    whenever one runs out. Epoch ``e`` is a pure function of ``(seed, e)``; the epoch advances on
-    each ``__iter__`` and can be set with :meth:`set_epoch`.
+    whenever one runs out. Process ``rank`` takes batches ``rank, rank + num_replicas, ...`` of
+    the epoch (``(num_real // n_real) // num_replicas`` each; the tail that does not divide evenly
+    is dropped). Epoch ``e`` is a pure function of ``(seed, e)``; the epoch advances on each
+    ``__iter__`` and can be set with :meth:`set_epoch` (Lightning does, at each epoch start). It
+    yields whole batches (lists of indices): serve them with :class:`IndexBatchDataset` and a
+    ``DataLoader(batch_size=None)``; as a ``DistributedSampler`` Lightning leaves it alone.
     """
 
     def __init__(
-        self, num_real: int, num_generated: int, batch_size: int, fraction: float, seed: int = 0
+        self,
+        num_real: int,
+        num_generated: int,
+        batch_size: int,
+        fraction: float,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
         if not 0.0 < fraction < 1.0:
             raise ValueError(f"generated_fraction={fraction} must be in (0, 1)")
@@ -75,30 +87,43 @@ class MixedBatchSampler(Sampler[list[int]]):
                 f"generated_fraction={fraction} with batch_size={batch_size} gives {n_gen} "
                 "generated samples per batch; need at least one real and one generated"
             )
-        if num_generated < 1 or num_real < batch_size - n_gen:
+        needed = (batch_size - n_gen) * num_replicas
+        if num_generated < 1 or num_real < needed:
             raise ValueError(
-                f"need >= 1 generated and >= {batch_size - n_gen} real samples, "
-                f"got {num_generated} and {num_real}"
+                f"need >= 1 generated and >= {needed} real samples ({batch_size - n_gen} per "
+                f"batch, {num_replicas} process(es)), got {num_generated} and {num_real}"
             )
+        super().__init__(
+            range(num_real), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed
+        )
         self.num_real = num_real
         self.num_generated = num_generated
         self.batch_size = batch_size
         self.n_generated = n_gen
         self.n_real = batch_size - n_gen
-        self.seed = seed
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose batches the next ``__iter__`` yields."""
         self.epoch = epoch
 
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Skip this process's first ``batches_done`` batches the next time ``epoch`` is
+        iterated."""
+        self.epoch, self._resume = epoch, (epoch, batches_done)
+
     def __len__(self) -> int:
-        return self.num_real // self.n_real
+        return (self.num_real // self.n_real) // self.num_replicas
 
     def __iter__(self) -> Iterator[list[int]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        start = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            start = self._resume[1]
+        self._resume = None
         self.epoch += 1
-        num_batches = len(self)
+        num_batches = self.num_real // self.n_real
         real = torch.randperm(self.num_real, generator=gen)[: num_batches * self.n_real]
         passes = -(-num_batches * self.n_generated // self.num_generated)
         generated = torch.cat(
@@ -107,4 +132,20 @@ class MixedBatchSampler(Sampler[list[int]]):
         real = real.view(num_batches, self.n_real)
         generated = generated[: num_batches * self.n_generated].view(num_batches, -1)
         batches = torch.cat([real, generated + self.num_real], dim=1)
-        yield from batches.tolist()
+        mine = batches[self.rank : len(self) * self.num_replicas : self.num_replicas]
+        yield from mine[start:].tolist()
+
+
+class IndexBatchDataset(Dataset[tuple[Tensor, Tensor]]):
+    """``dataset[list of indices]`` -> one ``(images, labels)`` batch, for samplers that yield
+    whole batches (:class:`MixedBatchSampler` with ``DataLoader(batch_size=None)``)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        images, labels = zip(*self.dataset.__getitems__(indices), strict=True)
+        return torch.stack(images), torch.stack(labels)

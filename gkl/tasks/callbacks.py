@@ -1,4 +1,4 @@
-"""Callbacks: exact resume of random number generators, and a metrics.json writer."""
+"""Callbacks: exact resume of random number generators."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 class RNGStateCallback(pl.Callback):
-    """Saves the Python, NumPy and torch RNG states in checkpoints and restores them on resume.
+    """Saves the Python, NumPy, torch CPU and (when CUDA is available) every CUDA device's RNG
+    state in checkpoints and restores them on resume.
 
     Lightning does not checkpoint RNG states; without them a resumed run draws different
     augmentations and attack starts than an uninterrupted one. Stored as tensors and lists so the
@@ -31,6 +33,7 @@ class RNGStateCallback(pl.Callback):
                 np_gauss,
             ],
             "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -41,3 +44,13 @@ class RNGStateCallback(pl.Callback):
             (np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss)
         )
         torch.set_rng_state(state_dict["torch"])
+        cuda = state_dict.get("cuda") or []
+        if cuda and torch.cuda.is_available():
+            if len(cuda) != torch.cuda.device_count():
+                rank_zero_warn(
+                    f"the checkpoint holds the RNG states of {len(cuda)} CUDA device(s), this "
+                    f"process sees {torch.cuda.device_count()}: CUDA random draws (e.g. TRADES "
+                    "start noise) will not repeat the interrupted run's"
+                )
+            for device, state in enumerate(cuda[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(state, device)
