@@ -33,7 +33,7 @@ import torch
 from gkl.config import compose_config
 from gkl.evaluate import autoattack_accuracy, clean_accuracy, pgd_accuracy
 from gkl.evaluate.run import load_model, test_tensors
-from gkl.train import build_datamodule
+from gkl.data.build import build_datamodule
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = {
