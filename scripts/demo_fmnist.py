@@ -40,6 +40,9 @@ METHODS = {
     "gkl": ["loss=gkl_fmnist"],
 }
 CHECKPOINTS = ("last.ckpt", "last-step.ckpt")
+# A finished run's record: metrics.json, or metrics.smoke.json for a smoke-level run (a tiny
+# subset, as the tests use), which train.py marks NOT_A_RESULT.
+RESULT_FILES = ("metrics.json", "metrics.smoke.json")
 # The demo's own progress callback instead of the rich bar (the runs' output goes to a file).
 QUIET = ["~callbacks.progress_bar", "+trainer.enable_progress_bar=false"]
 
@@ -52,7 +55,7 @@ class Run:
     run_dir: Path
     overrides: list[str]
     needs_teacher: bool
-    done_file: Path
+    done_files: tuple[Path, ...]
     method: str | None = None  # students: a key of METHODS
     seed: int = 0
     process: subprocess.Popen | None = None
@@ -61,8 +64,8 @@ class Run:
 
     @property
     def done(self) -> bool:
-        """Finished: the teacher's exported weights, a student's metrics.json."""
-        return self.done_file.is_file()
+        """Finished: the teacher's exported weights, a student's metrics record."""
+        return any(path.is_file() for path in self.done_files)
 
     def resume_checkpoint(self) -> Path | None:
         """The newest checkpoint an interrupted run left (epoch end or mid-epoch)."""
@@ -232,8 +235,13 @@ def format_table(results: dict[str, list[float]], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def result_file(run_dir: Path) -> Path | None:
+    """The run's metrics record (:data:`RESULT_FILES`), or None before it finished."""
+    return next((run_dir / n for n in RESULT_FILES if (run_dir / n).is_file()), None)
+
+
 def test_acc(run_dir: Path) -> float:
-    return 100 * json.loads((run_dir / "metrics.json").read_text())["metrics"]["test/acc"]
+    return 100 * json.loads(result_file(run_dir).read_text())["metrics"]["test/acc"]
 
 
 def curves(run_dirs: dict[str, Path], metric: str = "val/acc") -> dict[str, tuple[list, list]]:
@@ -276,7 +284,7 @@ def build_runs(args: argparse.Namespace) -> list[Run]:
             out / "teacher",
             ["+experiment=fmnist_teacher", "seed=0", *common, *args.teacher_overrides],
             needs_teacher=False,
-            done_file=teachers_dir / f"{TEACHER_NAME}.pth",
+            done_files=(teachers_dir / f"{TEACHER_NAME}.pth",),
         )
     ]
     for seed in args.seeds:
@@ -289,7 +297,7 @@ def build_runs(args: argparse.Namespace) -> list[Run]:
                     run_dir,
                     [*overrides, *args.overrides],
                     needs_teacher=method != "ce",
-                    done_file=run_dir / "metrics.json",
+                    done_files=tuple(run_dir / name for name in RESULT_FILES),
                     method=method,
                     seed=seed,
                 )
@@ -329,18 +337,20 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         results[method] = [test_acc(r.run_dir) for r in students if r.method == method]
     print(f"\nFashion-MNIST, {time.monotonic() - start:.0f} s, seeds {args.seeds}")
-    if (teacher.run_dir / "metrics.json").is_file():
+    if result_file(teacher.run_dir):
         print(f"teacher {TEACHER_NAME}: test acc {test_acc(teacher.run_dir):.2f}%")
     else:
-        print(f"teacher: {teacher.done_file} (trained outside this demo, or not needed)")
+        print(f"teacher: {teacher.done_files[0]} (trained outside this demo, or not needed)")
     print(format_table(results, args.seeds))
+    if any(result_file(r.run_dir).name != RESULT_FILES[0] for r in students):
+        print("NOT_A_RESULT: smoke-level runs (tiny subsets); see each run's metrics.smoke.json")
 
     from plot_runs import plot_accuracy_curves  # scripts/, beside this file
 
     png = args.out.resolve() / "demo_fmnist_val_acc.png"
     labels = {f"{r.method} (seed {r.seed})": r.run_dir for r in students}
     teacher_acc = (
-        test_acc(teacher.run_dir) if (teacher.run_dir / "metrics.json").is_file() else None
+        test_acc(teacher.run_dir) if result_file(teacher.run_dir) else None
     )
     reference = None
     if teacher_acc is not None:
