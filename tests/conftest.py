@@ -27,3 +27,68 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def compose_cfg():
+    """``compose_cfg(root, overrides, output_dir=root / "run")``: conf/train.yaml composed as
+    ``python train.py <overrides>`` would, writing under ``root``."""
+    from gkl.config import compose_config
+
+    def compose(root, overrides, output_dir=None):
+        return compose_config(
+            "train.yaml",
+            [
+                f"paths.root_dir={root}",
+                f"paths.output_dir={root / 'run' if output_dir is None else output_dir}",
+                "~callbacks.progress_bar",
+                *overrides,
+            ],
+        )
+
+    return compose
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """(eval-mode MLP with ~96% test accuracy, 397 test images in [0, 1], labels): a small MLP
+    trained for a few seconds on sklearn's 8x8 digits."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    datasets = pytest.importorskip("sklearn.datasets")
+    data = datasets.load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    train, test = perm[:1400], perm[1400:]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(15):
+        for xb, yb in zip(x[train].split(100), y[train].split(100), strict=True):
+            optimizer.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            optimizer.step()
+    model.eval()
+    optimizer.zero_grad(set_to_none=True)
+    return model, x[test], y[test]
+
+
+@pytest.fixture
+def authors_dkl():
+    """The authors' AT dkl_loss with B x C x C tensors (DKLv2/Adv-training-dkl), written out:
+    ``authors_dkl(adv, nat, rows, alpha, beta, gamma, temperature=1.0)``."""
+    import torch.nn.functional as F
+
+    def dkl(adv, nat, rows, alpha, beta, gamma, temperature=1.0):
+        c = nat.shape[1]
+        delta_n = nat.view(-1, c, 1) - nat.view(-1, 1, c)
+        delta_a = adv.view(-1, c, 1) - adv.view(-1, 1, c)
+        w = rows.pow(gamma)
+        p_n = w.view(-1, c, 1) @ w.view(-1, 1, c)
+        mse = 0.25 * ((delta_n - delta_a).pow(2) * p_n).sum() / p_n.sum()
+        sce = -(F.softmax(nat / temperature, 1).detach() * F.log_softmax(adv / temperature, 1))
+        return beta * mse + alpha * sce.sum(1).mean()
+
+    return dkl

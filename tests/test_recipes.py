@@ -170,18 +170,6 @@ def test_missing_teacher_names_the_mdistiller_file_and_the_teacher_experiment(tm
 # ----------------------------------------------------------------------------- AT steps
 
 
-def authors_dkl(adv, nat, rows, alpha, beta, gamma, temperature=1.0):
-    """The authors' AT dkl_loss (B x C x C tensors)."""
-    c = nat.shape[1]
-    delta_n = nat.view(-1, c, 1) - nat.view(-1, 1, c)
-    delta_a = adv.view(-1, c, 1) - adv.view(-1, 1, c)
-    w = rows.pow(gamma)
-    p_n = w.view(-1, c, 1) @ w.view(-1, 1, c)
-    mse = 0.25 * ((delta_n - delta_a).pow(2) * p_n).sum() / p_n.sum()
-    sce = -(F.softmax(nat / temperature, 1).detach() * F.log_softmax(adv / temperature, 1))
-    return beta * mse + alpha * sce.sum(1).mean()
-
-
 def trades_kl_batchmean(adv, nat):
     return F.kl_div(F.log_softmax(adv, 1), F.softmax(nat, 1), reduction="batchmean")
 
@@ -267,7 +255,7 @@ def batch(c: int, n: int = 6):
 
 
 @pytest.mark.parametrize("name", ["cifar10_gkl_at", "cifar100_gkl_at", "cifar100_trades"])
-def test_one_at_step_equals_the_authors_code_in_float64(name):
+def test_one_at_step_equals_the_authors_code_in_float64(authors_dkl, name):
     c = 10 if name.startswith("cifar10_") else 100
     x, y = batch(c)
     prior = random_prior(c)
