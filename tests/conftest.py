@@ -92,3 +92,20 @@ def authors_dkl():
         return beta * mse + alpha * sce.sum(1).mean()
 
     return dkl
+
+
+@pytest.fixture(scope="session")
+def awp_weight_diff():
+    """Wu et al.'s AWP diff_para: ``awp_weight_diff(model, proxy)`` maps each weight matrix W of
+    ``model`` to ||W|| / ||W' - W|| * (W' - W), W' its value in ``proxy``."""
+
+    def weight_diff(model, proxy):
+        diff = {}
+        proxy_state = proxy.state_dict()
+        for key, w in model.state_dict().items():
+            if w.ndim > 1 and "weight" in key:
+                d = proxy_state[key] - w
+                diff[key] = w.norm() / (d.norm() + 1e-20) * d
+        return diff
+
+    return weight_diff

@@ -208,7 +208,7 @@ def add_scaled(model: nn.Module, diff: dict[str, torch.Tensor], coeff: float) ->
             param.add_(coeff * diff[name])
 
 
-def reference_trades_awp_step(model, x, x_adv, y, gamma, beta=6.0):
+def reference_trades_awp_step(model, x, x_adv, y, gamma, weight_diff, beta=6.0):
     """One TRADES-AWP step the way Wu et al.'s code does it: proxy copy + SGD, diff scaling."""
     model = copy.deepcopy(model).train()
     proxy = copy.deepcopy(model).train()
@@ -216,12 +216,7 @@ def reference_trades_awp_step(model, x, x_adv, y, gamma, beta=6.0):
     nat, adv = proxy(x), proxy(x_adv)
     (-(F.cross_entropy(nat, y) + beta * direct_kl(nat, adv))).backward()
     proxy_optim.step()
-    diff = {}
-    proxy_state = proxy.state_dict()
-    for key, w in model.state_dict().items():
-        if w.ndim > 1 and "weight" in key:
-            d = proxy_state[key] - w
-            diff[key] = w.norm() / (d.norm() + 1e-20) * d
+    diff = weight_diff(model, proxy)
     add_scaled(model, diff, gamma)
     optimizer = SGD(model.parameters())
     nat, adv = model(x), model(x_adv)
@@ -246,10 +241,12 @@ def one_lightning_step(task: AdversarialTask, x, x_adv, y) -> AdversarialTask:
     return task
 
 
-def test_awp_step_matches_reference_implementation_and_ema_follows():
+def test_awp_step_matches_reference_implementation_and_ema_follows(awp_weight_diff):
     x, x_adv, y = fixed_batch()
     initial = tiny_net()
-    expected = reference_trades_awp_step(initial, x, x_adv, y, gamma=0.02)
+    expected = reference_trades_awp_step(
+        initial, x, x_adv, y, gamma=0.02, weight_diff=awp_weight_diff
+    )
     task = AdversarialTask(
         copy.deepcopy(initial), 4, SGD, objective="trades", awp_gamma=0.02, ema_decay=0.75
     )
