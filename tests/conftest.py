@@ -1,5 +1,6 @@
 """Shared test set-up: deterministic, 2 threads, float64 helpers."""
 
+import itertools
 import os
 import random
 
@@ -109,3 +110,24 @@ def awp_weight_diff():
         return diff
 
     return weight_diff
+
+
+@pytest.fixture(scope="session")
+def sequence_contexts():
+    """``sequence_contexts(vocab, length)``: all ``vocab**length`` sequences (N, T), the context
+    id of each prefix y[:t] (N, T), and the number of contexts, for a tabular autoregressive
+    policy whose table row ``ctx[n, t]`` holds p(. | y_<t)."""
+
+    def enumerate_sequences(vocab, length):
+        seqs = torch.tensor(list(itertools.product(range(vocab), repeat=length)))
+        # context id of prefix y[:t]: offset of length-t prefixes + base-vocab number of y[:t]
+        offsets = [sum(vocab**i for i in range(t)) for t in range(length)]
+        ctx = torch.zeros_like(seqs)
+        for t in range(length):
+            code = torch.zeros(len(seqs), dtype=torch.long)
+            for i in range(t):
+                code = code * vocab + seqs[:, i]
+            ctx[:, t] = offsets[t] + code
+        return seqs, ctx, offsets[-1] + vocab ** (length - 1)
+
+    return enumerate_sequences
