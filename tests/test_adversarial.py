@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gkl.config import compose_config
 from gkl.losses import ClassPrior, CrossEntropyLoss, GKLLoss, KDLoss, TradesKLLoss
 from gkl.tasks import AdversarialTask
 from gkl.tasks.awp import add_perturbation, awp_perturbation
@@ -63,18 +62,6 @@ def direct_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     return (p * (p.log() - q_logits.softmax(1).log())).sum(1).mean()
 
 
-def authors_gkl(adv, nat, prior_rows, alpha, beta, gamma, temperature):
-    """The authors' AT dkl_loss with B x C x C tensors (DKLv2/Adv-training-dkl)."""
-    c = nat.shape[1]
-    delta_n = nat.view(-1, c, 1) - nat.view(-1, 1, c)
-    delta_a = adv.view(-1, c, 1) - adv.view(-1, 1, c)
-    w = prior_rows.pow(gamma)
-    p_n = w.view(-1, c, 1) @ w.view(-1, 1, c)
-    mse = 0.25 * ((delta_n - delta_a).pow(2) * p_n).sum() / p_n.sum()
-    sce = -(F.softmax(nat / temperature, 1).detach() * F.log_softmax(adv / temperature, 1))
-    return beta * mse + alpha * sce.sum(1).mean()
-
-
 # ----------------------------------------------------------------------------- losses
 
 
@@ -90,7 +77,9 @@ def test_trades_loss_equals_direct_computation():
     torch.testing.assert_close(nat_logits, nat)
 
 
-def test_gkl_at_loss_equals_authors_formula_with_gradients_into_both_branches():
+def test_gkl_at_loss_equals_authors_formula_with_gradients_into_both_branches(
+    authors_dkl,
+):
     loss_fn = GKLLoss(
         alpha=4.0, beta=20.0, gamma=1.0, temperature=1.0, temperature2=4.0, use_class_prior=True
     )
@@ -105,7 +94,7 @@ def test_gkl_at_loss_equals_authors_formula_with_gradients_into_both_branches():
 
     reference = copy.deepcopy(task.model)
     nat, adv = reference(x), reference(x_adv)
-    expected = F.cross_entropy(nat, y) + authors_gkl(adv, nat, rows, 4.0, 20.0, 1.0, 1.0)
+    expected = F.cross_entropy(nat, y) + authors_dkl(adv, nat, rows, 4.0, 20.0, 1.0, 1.0)
     expected_grads = torch.autograd.grad(expected, list(reference.parameters()))
     torch.testing.assert_close(loss, expected)
     for got, want in zip(grads, expected_grads, strict=True):
@@ -219,7 +208,7 @@ def add_scaled(model: nn.Module, diff: dict[str, torch.Tensor], coeff: float) ->
             param.add_(coeff * diff[name])
 
 
-def reference_trades_awp_step(model, x, x_adv, y, gamma, beta=6.0):
+def reference_trades_awp_step(model, x, x_adv, y, gamma, weight_diff, beta=6.0):
     """One TRADES-AWP step the way Wu et al.'s code does it: proxy copy + SGD, diff scaling."""
     model = copy.deepcopy(model).train()
     proxy = copy.deepcopy(model).train()
@@ -227,12 +216,7 @@ def reference_trades_awp_step(model, x, x_adv, y, gamma, beta=6.0):
     nat, adv = proxy(x), proxy(x_adv)
     (-(F.cross_entropy(nat, y) + beta * direct_kl(nat, adv))).backward()
     proxy_optim.step()
-    diff = {}
-    proxy_state = proxy.state_dict()
-    for key, w in model.state_dict().items():
-        if w.ndim > 1 and "weight" in key:
-            d = proxy_state[key] - w
-            diff[key] = w.norm() / (d.norm() + 1e-20) * d
+    diff = weight_diff(model, proxy)
     add_scaled(model, diff, gamma)
     optimizer = SGD(model.parameters())
     nat, adv = model(x), model(x_adv)
@@ -257,10 +241,12 @@ def one_lightning_step(task: AdversarialTask, x, x_adv, y) -> AdversarialTask:
     return task
 
 
-def test_awp_step_matches_reference_implementation_and_ema_follows():
+def test_awp_step_matches_reference_implementation_and_ema_follows(awp_weight_diff):
     x, x_adv, y = fixed_batch()
     initial = tiny_net()
-    expected = reference_trades_awp_step(initial, x, x_adv, y, gamma=0.02)
+    expected = reference_trades_awp_step(
+        initial, x, x_adv, y, gamma=0.02, weight_diff=awp_weight_diff
+    )
     task = AdversarialTask(
         copy.deepcopy(initial), 4, SGD, objective="trades", awp_gamma=0.02, ema_decay=0.75
     )
@@ -303,21 +289,10 @@ def test_update_ema_formula():
 # ----------------------------------------------------------------------------- Lightning runs
 
 
-def compose_cfg(tmp_path: Path, overrides: list[str]):
-    """Compose conf/train.yaml as `python train.py <overrides>` would, writing under tmp_path."""
-    return compose_config(
-        "train.yaml",
-        [
-            f"paths.root_dir={tmp_path}",
-            f"paths.output_dir={tmp_path / 'run'}",
-            "~callbacks.progress_bar",
-            *overrides,
-        ],
-    )
-
-
 @pytest.mark.skipif(not FMNIST.exists(), reason="needs `apt-get install dataset-fashion-mnist`")
-def test_resume_of_gkl_at_with_awp_ema_and_prior_after_a_crash_mid_epoch_is_exact(tmp_path):
+def test_resume_of_gkl_at_with_awp_ema_and_prior_after_a_crash_mid_epoch_is_exact(
+    compose_cfg, tmp_path
+):
     overrides = [
         "+experiment=fmnist_gkl_at",
         "model.name=fmnist_mlp",  # the mechanics, not the model, are under test: keep it cheap

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gkl.config import compose_config
 from gkl.models import FrozenTeacher
 from gkl.models.classnames import (
     CIFAR10_CLASSES,
@@ -29,19 +28,6 @@ from gkl.train import run
 
 SMALL = "ViT-S-32-alt"  # a small open_clip CLIP: 384-wide image tower, 256-wide text tower
 TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}."]
-
-
-def compose_cfg(tmp_path: Path, overrides: list[str]):
-    """Compose conf/train.yaml as `python train.py <overrides>` would, writing under tmp_path."""
-    return compose_config(
-        "train.yaml",
-        [
-            f"paths.root_dir={tmp_path}",
-            f"paths.output_dir={tmp_path / 'run'}",
-            "~callbacks.progress_bar",
-            *overrides,
-        ],
-    )
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +169,7 @@ def test_timm_towers_are_chosen_by_source_not_by_a_name_prefix(cache_dir):
         build_clip_student("ViT-S-32", SMALL, None, source="hf", **kwargs)
 
 
-def test_cifar_kd_with_a_clip_teacher_runs(tmp_path):
+def test_cifar_kd_with_a_clip_teacher_runs(compose_cfg, tmp_path):
     cfg = compose_cfg(
         tmp_path,
         [

@@ -170,23 +170,13 @@ def test_missing_teacher_names_the_mdistiller_file_and_the_teacher_experiment(tm
 # ----------------------------------------------------------------------------- AT steps
 
 
-def authors_dkl(adv, nat, rows, alpha, beta, gamma, temperature=1.0):
-    """The authors' AT dkl_loss (B x C x C tensors)."""
-    c = nat.shape[1]
-    delta_n = nat.view(-1, c, 1) - nat.view(-1, 1, c)
-    delta_a = adv.view(-1, c, 1) - adv.view(-1, 1, c)
-    w = rows.pow(gamma)
-    p_n = w.view(-1, c, 1) @ w.view(-1, 1, c)
-    mse = 0.25 * ((delta_n - delta_a).pow(2) * p_n).sum() / p_n.sum()
-    sce = -(F.softmax(nat / temperature, 1).detach() * F.log_softmax(adv / temperature, 1))
-    return beta * mse + alpha * sce.sum(1).mean()
-
-
 def trades_kl_batchmean(adv, nat):
     return F.kl_div(F.log_softmax(adv, 1), F.softmax(nat, 1), reduction="batchmean")
 
 
-def authors_step(model, x, y, rows, noise, *, eps, steps, lr, awp_gamma, ascent, loss_fn):
+def authors_step(
+    model, x, y, rows, noise, *, eps, steps, lr, awp_gamma, ascent, loss_fn, weight_diff
+):
     """One step of the authors' train(): perturb_input, TradesAWP.calc_awp/perturb, the update
     (SGD momentum 0.9 wd 5e-4), restore; returns (x_adv, loss, awp diff, model, prior sums)."""
     model = copy.deepcopy(model)
@@ -206,12 +196,7 @@ def authors_step(model, x, y, rows, noise, *, eps, steps, lr, awp_gamma, ascent,
     nat, adv = proxy(x), proxy(x_adv)
     (-1.0 * (F.cross_entropy(nat, y) + loss_fn(adv, nat))).backward()
     proxy_optim.step()
-    diff = {}
-    proxy_state = proxy.state_dict()
-    for key, w in model.state_dict().items():
-        if w.ndim > 1 and "weight" in key:
-            d = proxy_state[key] - w
-            diff[key] = w.norm() / (d.norm() + 1e-20) * d
+    diff = weight_diff(model, proxy)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, d in diff.items():
@@ -267,7 +252,7 @@ def batch(c: int, n: int = 6):
 
 
 @pytest.mark.parametrize("name", ["cifar10_gkl_at", "cifar100_gkl_at", "cifar100_trades"])
-def test_one_at_step_equals_the_authors_code_in_float64(name):
+def test_one_at_step_equals_the_authors_code_in_float64(authors_dkl, awp_weight_diff, name):
     c = 10 if name.startswith("cifar10_") else 100
     x, y = batch(c)
     prior = random_prior(c)
@@ -304,6 +289,7 @@ def test_one_at_step_equals_the_authors_code_in_float64(name):
         awp_gamma=0.005,
         ascent=ascent,
         loss_fn=loss_fn,
+        weight_diff=awp_weight_diff,
     )
     ref_x_adv, ref_loss, ref_awp, ref_model, ref_sums = ref
     assert (x_adv - x).abs().max() > 0.5 * eps  # the attack moved

@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 import torch
 
-from gkl.config import compose_config
 from gkl.data import CIFARDataModule, MixedBatchSampler, read_cifar, read_idx
 from gkl.io import TEMP_SUFFIX
 from gkl.models import create_model
@@ -59,16 +58,10 @@ EVERY_STEP = [
 ]
 
 
-def compose_cfg(run_dir: Path, overrides: list[str]):
-    return compose_config(
-        "train.yaml",
-        [
-            f"paths.root_dir={run_dir.parent}",
-            f"paths.output_dir={run_dir}",
-            "~callbacks.progress_bar",
-            *overrides,
-        ],
-    )
+@pytest.fixture(scope="session")
+def compose_run(compose_cfg):
+    """``compose_run(run_dir, overrides)``: conf/train.yaml writing into ``run_dir``."""
+    return lambda run_dir, overrides: compose_cfg(run_dir.parent, overrides, output_dir=run_dir)
 
 
 def save_teacher(path: Path) -> Path:
@@ -112,9 +105,11 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 @needs_fmnist
 @pytest.mark.parametrize("task", ["kd", "gkl_at", "trades"])
-def test_resume_from_mid_epoch_end_of_epoch_and_final_step_equals_uninterrupted(tmp_path, task):
+def test_resume_from_mid_epoch_end_of_epoch_and_final_step_equals_uninterrupted(
+    compose_run, tmp_path, task
+):
     overrides = [*task_overrides(task, tmp_path), *TINY, *EVERY_STEP]
-    reference = run(compose_cfg(tmp_path / "ref", overrides))
+    reference = run(compose_run(tmp_path / "ref", overrides))
     final = ckpt(tmp_path / "ref", "last.ckpt")
     assert final["global_step"] == 12
     # s6 falls on epoch 1's last batch: written at the epoch's end, after the class prior's
@@ -129,7 +124,7 @@ def test_resume_from_mid_epoch_end_of_epoch_and_final_step_equals_uninterrupted(
     for step in (3, 6, 12):  # mid-epoch, end of epoch, final step
         run_dir = tmp_path / f"resumed_from_{step}"
         source = tmp_path / "ref" / "checkpoints" / f"s{step}.ckpt"
-        resumed = run(compose_cfg(run_dir, [*overrides, f"ckpt_path={source}"]))
+        resumed = run(compose_run(run_dir, [*overrides, f"ckpt_path={source}"]))
         for key in ("val/acc", "val/loss", "test/acc", "test/loss"):
             assert resumed[key] == reference[key], (step, key)
         assert_same_state(ckpt(run_dir, "last.ckpt")["state_dict"], final["state_dict"])
@@ -182,7 +177,7 @@ def test_mixed_batch_sampler_shards_over_processes_and_resumes():
     assert len(real) == len(set(real)) == 96  # each real image at most once across processes
 
 
-def test_mixed_data_run_resumes_mid_epoch_exactly(tmp_path):
+def test_mixed_data_run_resumes_mid_epoch_exactly(compose_run, tmp_path):
     generated = tmp_path / "gen.npz"
     rng = np.random.default_rng(0)
     np.savez(
@@ -207,9 +202,9 @@ def test_mixed_data_run_resumes_mid_epoch_exactly(tmp_path):
         "~callbacks.model_checkpoint",
         *EVERY_STEP,
     ]
-    reference = run(compose_cfg(tmp_path / "ref", overrides))
+    reference = run(compose_run(tmp_path / "ref", overrides))
     source = tmp_path / "ref" / "checkpoints" / "s17.ckpt"  # epoch 2, batch 5
-    resumed = run(compose_cfg(tmp_path / "resumed", [*overrides, f"ckpt_path={source}"]))
+    resumed = run(compose_run(tmp_path / "resumed", [*overrides, f"ckpt_path={source}"]))
     assert resumed["test/acc"] == reference["test/acc"]
     assert_same_state(
         ckpt(tmp_path / "resumed", "last.ckpt")["state_dict"],
@@ -326,12 +321,12 @@ class Payload:
         return (open, (str(self.marker), "w"))
 
 
-def test_resume_never_runs_code_from_a_checkpoint(tmp_path, monkeypatch):
+def test_resume_never_runs_code_from_a_checkpoint(compose_run, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     marker = tmp_path / "pwned"
     bad = tmp_path / "bad.ckpt"
     torch.save({"state_dict": {}, "epoch": 0, "global_step": 1, "x": Payload(marker)}, bad)
-    cfg = compose_cfg(tmp_path / "run", [*TINY, "data.synthetic=true", f"ckpt_path={bad}"])
+    cfg = compose_run(tmp_path / "run", [*TINY, "data.synthetic=true", f"ckpt_path={bad}"])
     with pytest.raises(ValueError, match=r"bad.ckpt holds objects that torch.load\(weights_only"):
         run(cfg)
     with pytest.raises(ValueError, match="weights_only"):  # Lightning's own resume path
@@ -363,20 +358,20 @@ def test_tampered_cifar_batch_is_refused_without_running_code(tmp_path):
 # ----------------------------------------------------------------------------- run directories
 
 
-def test_run_directory_in_use_or_holding_another_run_is_refused(tmp_path):
+def test_run_directory_in_use_or_holding_another_run_is_refused(compose_run, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [*TINY, "data.synthetic=true", "trainer.max_epochs=1", "test=false"]
     in_use = pytest.raises(RunDirectoryError, match=r"is in use by another run \(pid")
     with RunLock(run_dir), in_use:  # another live run holds the lock
-        run(compose_cfg(run_dir, overrides))
-    run(compose_cfg(run_dir, overrides))
+        run(compose_run(run_dir, overrides))
+    run(compose_run(run_dir, overrides))
     assert (run_dir / LOCK_FILE).exists()
     first_config = (run_dir / "config.yaml").read_text()
     with pytest.raises(RunDirectoryError, match=r"already holds another run.*ckpt_path=.*last"):
-        run(compose_cfg(run_dir, [*overrides, "seed=1"]))
+        run(compose_run(run_dir, [*overrides, "seed=1"]))
     assert (run_dir / "config.yaml").read_text() == first_config
     last = run_dir / "checkpoints" / "last.ckpt"
-    run(compose_cfg(run_dir, [*overrides, f"ckpt_path={last}"]))  # resuming it is fine
+    run(compose_run(run_dir, [*overrides, f"ckpt_path={last}"]))  # resuming it is fine
 
 
 def test_default_run_directories_differ_for_runs_started_in_the_same_second():
@@ -392,10 +387,10 @@ def test_default_run_directories_differ_for_runs_started_in_the_same_second():
 
 
 @pytest.fixture(scope="module")
-def adam_checkpoint(tmp_path_factory) -> Path:
+def adam_checkpoint(compose_run, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("adam")
     overrides = [*TINY, "data.synthetic=true", "trainer.max_epochs=1", "test=false"]
-    run(compose_cfg(tmp / "run", overrides))
+    run(compose_run(tmp / "run", overrides))
     return tmp / "run" / "checkpoints" / "last.ckpt"
 
 
@@ -408,10 +403,10 @@ def adam_checkpoint(tmp_path_factory) -> Path:
     ],
 )
 def test_resume_with_a_changed_config_lists_the_changes(
-    tmp_path, adam_checkpoint, override, listed
+    compose_run, tmp_path, adam_checkpoint, override, listed
 ):
     overrides = [*TINY, "data.synthetic=true", "trainer.max_epochs=1", "test=false"]
-    cfg = compose_cfg(tmp_path / "run", [*overrides, override, f"ckpt_path={adam_checkpoint}"])
+    cfg = compose_run(tmp_path / "run", [*overrides, override, f"ckpt_path={adam_checkpoint}"])
     with pytest.raises(
         ValueError, match=r"(?s)differs from the one.*\+\+resume_allow_changes=true"
     ) as err:
@@ -421,13 +416,13 @@ def test_resume_with_a_changed_config_lists_the_changes(
         assert "cannot take over the checkpoint's optimizer state" in str(err.value)
 
 
-def test_allowed_and_accepted_config_changes(tmp_path, adam_checkpoint):
+def test_allowed_and_accepted_config_changes(compose_run, tmp_path, adam_checkpoint):
     saved = {"trainer": {"max_epochs": 1, "devices": 1}, "paths": {"x": 1}, "loss": {"beta": 1}}
     new = {"trainer": {"max_epochs": 5, "devices": 2}, "paths": {"x": 2}, "loss": {"beta": 1.0}}
     assert config_changes(saved, new) == []
     assert config_changes(saved, {**new, "loss": {"beta": 8}}) == [("loss.beta", 1, 8)]
     overrides = [*TINY, "data.synthetic=true", "trainer.max_epochs=2", "test=false"]
-    cfg = compose_cfg(
+    cfg = compose_run(
         tmp_path / "run",
         [
             *overrides,
@@ -454,9 +449,11 @@ def test_allowed_and_accepted_config_changes(tmp_path, adam_checkpoint):
         ("ckpt_path=/nonexistent/last.ckpt", r"ckpt_path=/nonexistent/last.ckpt: no such"),
     ],
 )
-def test_bad_inputs_fail_before_training_naming_the_argument(tmp_path, override, message):
+def test_bad_inputs_fail_before_training_naming_the_argument(
+    compose_run, tmp_path, override, message
+):
     with pytest.raises(Exception, match=message):  # Hydra wraps the data module's ValueError
-        run(compose_cfg(tmp_path / "run", [*TINY, "data.synthetic=true", override]))
+        run(compose_run(tmp_path / "run", [*TINY, "data.synthetic=true", override]))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -464,19 +461,19 @@ def test_bad_inputs_fail_before_training_naming_the_argument(tmp_path, override,
     ("target", "message"),
     [("file/below/a/file.pth", "is a file, not a directory"), (".", "is a directory")],
 )
-def test_unwritable_export_weights_fails_before_training(tmp_path, target, message):
+def test_unwritable_export_weights_fails_before_training(compose_run, tmp_path, target, message):
     (tmp_path / "file").write_text("")
     path = tmp_path / target
-    cfg = compose_cfg(tmp_path / "run", [*TINY, "data.synthetic=true", f"export_weights={path}"])
+    cfg = compose_run(tmp_path / "run", [*TINY, "data.synthetic=true", f"export_weights={path}"])
     with pytest.raises(ValueError, match=f"export_weights=.*{message}"):
         run(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_truncated_checkpoint_is_named(tmp_path, adam_checkpoint):
+def test_truncated_checkpoint_is_named(compose_run, tmp_path, adam_checkpoint):
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes(adam_checkpoint.read_bytes()[:5000])
-    cfg = compose_cfg(tmp_path / "run", [*TINY, "data.synthetic=true", f"ckpt_path={cut}"])
+    cfg = compose_run(tmp_path / "run", [*TINY, "data.synthetic=true", f"ckpt_path={cut}"])
     with pytest.raises(ValueError, match=r"cut.ckpt is not a readable checkpoint \(truncated"):
         run(cfg)
 
@@ -489,8 +486,8 @@ def test_truncated_checkpoint_is_named(tmp_path, adam_checkpoint):
     ],
 )
 @needs_fmnist
-def test_untrained_and_tiny_runs_are_marked_not_a_result(tmp_path, override, reason):
-    run(compose_cfg(tmp_path / "run", [*TINY, override, "~callbacks.mid_epoch_checkpoint"]))
+def test_untrained_and_tiny_runs_are_marked_not_a_result(compose_run, tmp_path, override, reason):
+    run(compose_run(tmp_path / "run", [*TINY, override, "~callbacks.mid_epoch_checkpoint"]))
     record = json.loads((tmp_path / "run" / SMOKE_METRICS_FILE).read_text())
     assert reason in record["NOT_A_RESULT"]
     assert not (tmp_path / "run" / "metrics.json").exists()

@@ -6,8 +6,6 @@ gradients of the closed-form divergences. Sampling weights w are detached: the s
 part of "in reward" is written explicitly as sum_a pi(a) * sg(coef(a)) * log pi(a).
 """
 
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -85,19 +83,9 @@ def _expected_in_reward_grad(theta, ref_logp, estimator: str) -> torch.Tensor:
 class _ToyLM:
     """Tabular autoregressive policy over all V**T sequences of length T (enumerable)."""
 
-    def __init__(self, vocab: int = 3, length: int = 3, seed: int = 0):
+    def __init__(self, contexts, vocab: int = 3, length: int = 3, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        self.seqs = torch.tensor(list(itertools.product(range(vocab), repeat=length)))
-        # context id of prefix y[:t]: offset of length-t prefixes + base-vocab number of y[:t]
-        offsets = [sum(vocab**i for i in range(t)) for t in range(length)]
-        ctx = torch.zeros_like(self.seqs)
-        for t in range(length):
-            code = torch.zeros(len(self.seqs), dtype=torch.long)
-            for i in range(t):
-                code = code * vocab + self.seqs[:, i]
-            ctx[:, t] = offsets[t] + code
-        self.ctx = ctx
-        n_ctx = offsets[-1] + vocab ** (length - 1)
+        self.seqs, self.ctx, n_ctx = contexts(vocab, length)
         self.theta = torch.randn(n_ctx, vocab, generator=g, dtype=D).requires_grad_(True)
         self.ref_table = F.log_softmax(2.0 * torch.randn(n_ctx, vocab, generator=g, dtype=D), -1)
 
@@ -257,8 +245,8 @@ def test_ppo_clip_is_exact_while_no_ratio_is_clipped():
 # --------------------------------------------------------------------------- sequences
 
 
-def test_sequence_level_reward_to_go_is_exact_and_per_token_k2_is_not():
-    lm = _ToyLM(vocab=3, length=3, seed=0)
+def test_sequence_level_reward_to_go_is_exact_and_per_token_k2_is_not(sequence_contexts):
+    lm = _ToyLM(sequence_contexts, vocab=3, length=3, seed=0)
     lp, ref = lm.policy(), lm.ref()  # (27, 3)
     weights = lp.sum(-1).detach().exp()  # pi(y) of every sequence, sums to 1
     torch.testing.assert_close(weights.sum(), torch.tensor(1.0, dtype=D), **EXACT)

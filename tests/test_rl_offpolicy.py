@@ -5,8 +5,6 @@ E_{y~w}[f(y)] = sum_y w(y) f(y) exactly. The on-policy reference is written from
 here, independently of gkl.
 """
 
-import itertools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,18 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 class _ToyLM:
     """Tabular autoregressive policy pi(y_t | y_<t) over all V**T sequences (enumerable)."""
 
-    def __init__(self, vocab: int = 3, length: int = 4, seed: int = 0):
+    def __init__(self, contexts, vocab: int = 3, length: int = 4, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        self.seqs = torch.tensor(list(itertools.product(range(vocab), repeat=length)))
-        offsets = [sum(vocab**i for i in range(t)) for t in range(length)]
-        ctx = torch.zeros_like(self.seqs)
-        for t in range(length):
-            code = torch.zeros(len(self.seqs), dtype=torch.long)
-            for i in range(t):
-                code = code * vocab + self.seqs[:, i]
-            ctx[:, t] = offsets[t] + code
-        self.ctx = ctx
-        n_ctx = offsets[-1] + vocab ** (length - 1)
+        self.seqs, self.ctx, n_ctx = contexts(vocab, length)
         self.theta = torch.randn(n_ctx, vocab, generator=g, dtype=D).requires_grad_(True)
         self.ref_table = F.log_softmax(1.5 * torch.randn(n_ctx, vocab, generator=g, dtype=D), -1)
         self.mu_table = F.log_softmax(torch.randn(n_ctx, vocab, generator=g, dtype=D), -1)
@@ -59,8 +48,8 @@ def _grad(value: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("est", ["k1", "k2", "k3"])
-def test_cumulative_is_exact_on_sequences_and_detached_is_not(est):
-    lm = _ToyLM(vocab=3, length=4, seed=1)
+def test_cumulative_is_exact_on_sequences_and_detached_is_not(sequence_contexts, est):
+    lm = _ToyLM(sequence_contexts, vocab=3, length=4, seed=1)
     lp = lm.policy()  # (81, 4)
     ref, mu = lm.token_logp(lm.ref_table), lm.token_logp(lm.mu_table)
     pi_w = lp.sum(-1).detach().exp()
@@ -132,8 +121,8 @@ def test_cumulative_weights_skip_padding_and_truncation_caps_them():
     )
 
 
-def test_truncated_cumulative_is_biased_on_sequences():
-    lm = _ToyLM(vocab=3, length=4, seed=2)
+def test_truncated_cumulative_is_biased_on_sequences(sequence_contexts):
+    lm = _ToyLM(sequence_contexts, vocab=3, length=4, seed=2)
     lp = lm.policy()
     ref, mu = lm.token_logp(lm.ref_table), lm.token_logp(lm.mu_table)
     pi_w, mu_w = lp.sum(-1).detach().exp(), mu.sum(-1).exp()

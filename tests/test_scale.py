@@ -13,7 +13,6 @@ from hydra.utils import instantiate
 from torch.utils.data import DistributedSampler
 
 import gkl.train
-from gkl.config import compose_config
 from gkl.data.base import EpochSampler
 from gkl.losses import ClassPrior
 from gkl.models import FrozenTeacher, create_model
@@ -27,19 +26,6 @@ from gkl.train import CONFIG_DIR, SMOKE_METRICS_FILE, run
 
 ROOT = Path(CONFIG_DIR).parent
 SMALL_KD = ["teacher.name=resnet8", "model.name=resnet8", "data.batch_size=8"]
-
-
-def compose_cfg(tmp_path: Path, overrides: list[str]):
-    """Compose conf/train.yaml as `python train.py <overrides>` would, writing under tmp_path."""
-    return compose_config(
-        "train.yaml",
-        [
-            f"paths.root_dir={tmp_path}",
-            f"paths.output_dir={tmp_path / 'run'}",
-            "~callbacks.progress_bar",
-            *overrides,
-        ],
-    )
 
 
 def train_cli(tmp_path: Path, *args: str, progress_bar: bool = False):
@@ -72,7 +58,7 @@ def train_cli(tmp_path: Path, *args: str, progress_bar: bool = False):
         ["trainer.devices=[0]", "trainer.accelerator=gpu"],
     ],
 )
-def test_ddp_on_one_process_fails_before_building_anything(tmp_path, overrides):
+def test_ddp_on_one_process_fails_before_building_anything(compose_cfg, tmp_path, overrides):
     cfg = compose_cfg(tmp_path, ["+experiment=fmnist_kd", "trainer=ddp", *overrides])
     with pytest.raises(ValueError, match=r"trainer=ddp .* is one process: set trainer.devices=N"):
         run(cfg)
@@ -88,7 +74,7 @@ def test_ddp_check_counts_processes():
         check_distributed({"strategy": "ddp", "devices": "1"})
 
 
-def test_ddp_with_two_cpu_processes_gives_the_single_process_class_prior(tmp_path):
+def test_ddp_with_two_cpu_processes_gives_the_single_process_class_prior(compose_cfg, tmp_path):
     """The prior's sums are all-reduced: same data in one epoch -> the same prior (float64).
 
     With the default progress bar, which on rank 0 alone computes the epoch's train metrics
@@ -210,7 +196,7 @@ class Recorder:
         return options
 
 
-def test_bf16_channels_last_inference_mode_distillation_step(tmp_path, monkeypatch):
+def test_bf16_channels_last_inference_mode_distillation_step(compose_cfg, tmp_path, monkeypatch):
     recorder = Recorder(gkl.train.apply_speed)
     monkeypatch.setattr(gkl.train, "apply_speed", recorder)
     cfg = compose_cfg(
@@ -241,7 +227,7 @@ def test_bf16_channels_last_inference_mode_distillation_step(tmp_path, monkeypat
     assert not teaching[0][2].is_inference()
 
 
-def test_compile_switch_keeps_state_dict_keys(tmp_path, monkeypatch):
+def test_compile_switch_keeps_state_dict_keys(compose_cfg, tmp_path, monkeypatch):
     recorder = Recorder(gkl.train.apply_speed)
     monkeypatch.setattr(gkl.train, "apply_speed", recorder)
     overrides = ["+experiment=fmnist_kd", "data.synthetic=true"]

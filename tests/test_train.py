@@ -11,7 +11,6 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from gkl.config import compose_config
 from gkl.models import create_model
 from gkl.train import (
     CONFIG_DIR,
@@ -31,19 +30,6 @@ needs_fmnist = pytest.mark.skipif(
 )
 
 
-def compose_cfg(tmp_path: Path, overrides: list[str]):
-    """Compose conf/train.yaml as `python train.py <overrides>` would, writing under tmp_path."""
-    return compose_config(
-        "train.yaml",
-        [
-            f"paths.root_dir={tmp_path}",
-            f"paths.output_dir={tmp_path / 'run'}",
-            "~callbacks.progress_bar",
-            *overrides,
-        ],
-    )
-
-
 def save_random_teacher(path: Path, name: str = "fmnist_cnn", num_classes: int = 10) -> Path:
     torch.manual_seed(0)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,7 +38,9 @@ def save_random_teacher(path: Path, name: str = "fmnist_cnn", num_classes: int =
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_runs_on_synthetic_data_and_is_marked_as_smoke(tmp_path, experiment):
+def test_every_experiment_runs_on_synthetic_data_and_is_marked_as_smoke(
+    compose_cfg, tmp_path, experiment
+):
     """Each recipe as composed, one tiny synthetic batch per split. The KD pairs keep their
     architectures; the WRN-28/34-10 of the AT recipes (4 img/s on a CPU) become a WRN-16-1."""
     overrides = [
@@ -114,7 +102,7 @@ def fmnist_kd_overrides(tmp_path: Path, epochs: int = 3) -> list[str]:
 
 
 @needs_fmnist
-def test_resume_after_a_crash_mid_epoch_is_exact(tmp_path):
+def test_resume_after_a_crash_mid_epoch_is_exact(compose_cfg, tmp_path):
     # mode=min makes an early epoch the "best": last.ckpt must still be the final epoch.
     overrides = [*fmnist_kd_overrides(tmp_path), "callbacks.model_checkpoint.mode=min"]
     reference = run(compose_cfg(tmp_path / "a", overrides))
@@ -140,7 +128,7 @@ def test_resume_after_a_crash_mid_epoch_is_exact(tmp_path):
 
 
 @needs_fmnist
-def test_distillation_keeps_teacher_frozen_and_updates_class_prior(tmp_path):
+def test_distillation_keeps_teacher_frozen_and_updates_class_prior(compose_cfg, tmp_path):
     cfg = compose_cfg(tmp_path, [*fmnist_kd_overrides(tmp_path, epochs=1), "test=false"])
     teacher = build_teacher(cfg)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -223,18 +211,18 @@ def test_optuna_sweep_runs_and_resumes_its_study(tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 
-def test_unknown_config_option_lists_valid_choices(tmp_path):
+def test_unknown_config_option_lists_valid_choices(compose_cfg, tmp_path):
     with pytest.raises(Exception, match=r"(?s)data/cifar1000.*Available options.*cifar100"):
         compose_cfg(tmp_path, ["data=cifar1000"])
 
 
-def test_unknown_model_name_lists_valid_names(tmp_path):
+def test_unknown_model_name_lists_valid_names(compose_cfg, tmp_path):
     cfg = compose_cfg(tmp_path, ["model.name=resnet9x4", "data.synthetic=true"])
     with pytest.raises(Exception, match=r"Unknown model 'resnet9x4'.*Did you mean.*resnet8x4"):
         run(cfg)
 
 
-def test_teacher_student_class_mismatch_fails_before_training(tmp_path):
+def test_teacher_student_class_mismatch_fails_before_training(compose_cfg, tmp_path):
     teacher = save_random_teacher(tmp_path / "t.pth", num_classes=5)
     cfg = compose_cfg(
         tmp_path,
@@ -250,26 +238,26 @@ def test_teacher_student_class_mismatch_fails_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_teacher_checkpoint_of_another_architecture_names_both(tmp_path):
+def test_teacher_checkpoint_of_another_architecture_names_both(compose_cfg, tmp_path):
     wrong = save_random_teacher(tmp_path / "t.pth", name="fmnist_mlp")
     cfg = compose_cfg(tmp_path, ["+experiment=fmnist_kd", f"teacher.checkpoint={wrong}"])
     with pytest.raises(Exception, match=r"(?s)fmnist_cnn.*fmnist_mlp"):
         run(cfg)
 
 
-def test_missing_teacher_checkpoint_says_how_to_get_one(tmp_path):
+def test_missing_teacher_checkpoint_says_how_to_get_one(compose_cfg, tmp_path):
     cfg = compose_cfg(tmp_path, ["+experiment=fmnist_kd"])
     with pytest.raises(Exception, match=r"fmnist_cnn.pth.*\+experiment=fmnist_teacher"):
         run(cfg)
 
 
-def test_missing_data_set_names_path_and_fix(tmp_path):
+def test_missing_data_set_names_path_and_fix(compose_cfg, tmp_path):
     cfg = compose_cfg(tmp_path, [f"paths.fmnist_dir={tmp_path / 'nowhere'}"])
     with pytest.raises(FileNotFoundError, match=r"nowhere.*(apt-get install|data.download=true)"):
         run(cfg)
 
 
-def test_timm_student_and_timm_teacher_compose_and_run(tmp_path):
+def test_timm_student_and_timm_teacher_compose_and_run(compose_cfg, tmp_path):
     cfg = compose_cfg(
         tmp_path,
         [
