@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from gkl.config import compose_config
+from gkl.data.build import build_datamodule
 from gkl.evaluate import autoattack_accuracy, clean_accuracy, pgd_accuracy
 from gkl.evaluate.run import load_model, test_tensors
-from gkl.data.build import build_datamodule
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = {

@@ -349,9 +349,7 @@ def main(argv: list[str] | None = None) -> int:
 
     png = args.out.resolve() / "demo_fmnist_val_acc.png"
     labels = {f"{r.method} (seed {r.seed})": r.run_dir for r in students}
-    teacher_acc = (
-        test_acc(teacher.run_dir) if result_file(teacher.run_dir) else None
-    )
+    teacher_acc = test_acc(teacher.run_dir) if result_file(teacher.run_dir) else None
     reference = None
     if teacher_acc is not None:
         reference = (teacher_acc, f"teacher {TEACHER_NAME}: test acc {teacher_acc:.2f}%")

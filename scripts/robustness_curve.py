@@ -23,9 +23,9 @@ from matplotlib.figure import Figure
 
 from gkl.attacks import ThreatModel
 from gkl.config import compose_config
+from gkl.data.build import build_datamodule
 from gkl.evaluate import autoattack_accuracy, clean_accuracy, pgd_accuracy
 from gkl.evaluate.run import load_model, test_tensors
-from gkl.data.build import build_datamodule
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
