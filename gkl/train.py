@@ -26,8 +26,9 @@ from gkl.tasks.checkpointing import (
     check_resume_config,
     load_checkpoint,
 )
+from gkl.tasks.distributed import check_distributed, exclude_rank_local_buffers
 from gkl.tasks.progress import print_run_summary
-from gkl.tasks.speed import apply_speed, check_distributed, exclude_rank_local_buffers
+from gkl.tasks.speed import apply_speed
 
 log = logging.getLogger(__name__)
 

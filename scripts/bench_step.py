@@ -18,33 +18,24 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
 
 from gkl.attacks import trades_perturb
 from gkl.losses import ClassPrior, GKLLoss, TradesKLLoss, trades_kl
 from gkl.models import FrozenTeacher, Normalized, create_model
 from gkl.tasks import AdversarialTask, DistillationTask
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib beside this script
+from benchlib import fit_repeated_batch  # noqa: E402
+
 TASKS = ("kd", "trades", "gkl_at")
 TRADES_BETA = 6.0
-
-
-class RepeatedBatch(Dataset):
-    """The same batch ``steps`` times (collated already)."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
-        self.x, self.y, self.steps = x, y, steps
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __getitem__(self, index: int):
-        return self.x, self.y
 
 
 class StepTimer(pl.Callback):
@@ -109,20 +100,7 @@ def lightning_task(args) -> pl.LightningModule:
 def lightning_step_times(args, x, y) -> list[float]:
     task = lightning_task(args)
     timer = StepTimer()
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator=args.device,
-        devices=1,
-        logger=False,
-        callbacks=[timer],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    loader = DataLoader(RepeatedBatch(x, y, args.steps), batch_size=None)
-    trainer.fit(task, train_dataloaders=loader)
+    fit_repeated_batch(task, x, y, args.steps, timer, args.device)
     times = [b - a for a, b in zip(timer.starts, timer.starts[1:], strict=False)]
     return times[args.warmup :]
 

@@ -21,6 +21,7 @@ import argparse
 import gc
 import json
 import platform
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -32,10 +33,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
 
 from gkl.tasks.speed import apply_speed
 from gkl.train import CONFIG_DIR, build_task, build_teacher
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib beside this script
+from benchlib import fit_repeated_batch  # noqa: E402
 
 CIFAR_TRAIN_IMAGES = 50_000
 MODES = {
@@ -61,19 +64,6 @@ class Measurement:
     epochs: int
     train_images: int
     recipe_hours: float
-
-
-class RepeatedBatch(Dataset):
-    """The same collated batch ``length`` times."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, length: int) -> None:
-        self.x, self.y, self.length = x, y, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x, self.y
 
 
 class Stopwatch(pl.Callback):
@@ -127,23 +117,7 @@ def measure(workload: str, cfg: DictConfig, mode: str, args: argparse.Namespace)
     )
     apply_speed(task, speed)
     stopwatch = Stopwatch(args.warmup)
-    trainer = pl.Trainer(
-        accelerator=args.device,
-        devices=1,
-        precision=precision,
-        max_epochs=1,
-        logger=False,
-        callbacks=[stopwatch],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    loader = DataLoader(RepeatedBatch(x, y, args.warmup + args.steps), batch_size=None)
-    trainer.fit(task, train_dataloaders=loader)
+    fit_repeated_batch(task, x, y, args.warmup + args.steps, stopwatch, args.device, precision)
     elapsed = stopwatch.end - stopwatch.start
     images_per_s = args.steps * batch / elapsed
     train_images = CIFAR_TRAIN_IMAGES - int(cfg.data.val_size)

@@ -315,6 +315,7 @@ def train_run(tmp_path: Path, overrides: list[str]) -> Path:
             "logger=none",
             "trainer.max_epochs=1",
             "test=false",
+            "data.num_workers=0",
             *overrides,
         ],
     )
@@ -340,7 +341,6 @@ def test_eval_of_a_fashion_mnist_run_needs_only_the_checkpoint(tmp_path):
             "data.train_subset=100",
             "data.val_size=50",
             "data.batch_size=50",
-            "data.num_workers=0",
             "task.steps=1",
             "task.ema_decay=0.5",
             "task.val_pgd_subset=0",
@@ -365,7 +365,6 @@ def test_eval_of_a_cifar_run_needs_only_the_checkpoint(tmp_path):
             "data=cifar10",
             "data.synthetic=true",
             "+data.synthetic_sizes=[64,16,32]",
-            "data.num_workers=0",
             "model.in_channels=3",
             "+model.image_size=32",
         ],

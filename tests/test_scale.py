@@ -16,12 +16,8 @@ import gkl.train
 from gkl.data.base import EpochSampler
 from gkl.losses import ClassPrior
 from gkl.models import FrozenTeacher, create_model
-from gkl.tasks.speed import (
-    InferenceModeTeacher,
-    SpeedOptions,
-    check_distributed,
-    exclude_rank_local_buffers,
-)
+from gkl.tasks.distributed import check_distributed, exclude_rank_local_buffers
+from gkl.tasks.speed import InferenceModeTeacher, SpeedOptions
 from gkl.train import CONFIG_DIR, SMOKE_METRICS_FILE, run
 
 ROOT = Path(CONFIG_DIR).parent

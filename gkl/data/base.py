@@ -60,8 +60,10 @@ class EpochSampler(DistributedSampler):
 class ImageDataModule(pl.LightningDataModule):
     """Base data module serving float images in ``[0, 1]`` (normalise inside the model).
 
-    Subclasses set ``num_classes``, ``input_shape``, ``mean`` and ``std`` and implement
-    :meth:`_read_split`, or override :meth:`_fit_sets` / :meth:`_test_set`.
+    Subclasses set ``num_classes`` and ``input_shape`` and implement :meth:`_read_split`, or
+    override :meth:`_fit_sets` / :meth:`_test_set`; they take their own arguments and pass the
+    rest (``**options``) to this constructor. The normalisation statistics are the data config's
+    (``conf/data/*.yaml`` ``mean``/``std``, read by the model).
 
     Attributes:
         is_synthetic: data are random tensors (smoke tests only; mark results accordingly).
@@ -70,23 +72,21 @@ class ImageDataModule(pl.LightningDataModule):
 
     num_classes: int
     input_shape: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
     def __init__(
         self,
         data_dir: str | Path,
-        batch_size: int,
-        num_workers: int,
-        val_size: int,
-        seed: int,
-        synthetic: bool,
-        download: bool,
-        augment: bool,
-        pin_memory: bool,
-        train_subset: int | None,
-        test_size: int | None,
-        synthetic_sizes: Sequence[int],
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_size: int = 5000,
+        seed: int = 0,
+        synthetic: bool = False,
+        download: bool = False,
+        augment: bool = False,
+        pin_memory: bool = False,
+        train_subset: int | None = None,
+        test_size: int | None = None,
+        synthetic_sizes: Sequence[int] = (512, 256, 256),
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,6 @@ class CIFARSpec:
     torchvision_cls: type[CIFAR10]
     label_key: str
     num_classes: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
 
 
 SPECS = {
@@ -38,16 +35,12 @@ SPECS = {
         torchvision_cls=CIFAR10,
         label_key="labels",
         num_classes=10,
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2470, 0.2435, 0.2616),
     ),
     "cifar100": CIFARSpec(
         title="CIFAR-100",
         torchvision_cls=CIFAR100,
         label_key="fine_labels",
         num_classes=100,
-        mean=(0.5071, 0.4867, 0.4408),
-        std=(0.2675, 0.2565, 0.2761),
     ),
 }
 
@@ -156,42 +149,20 @@ class CIFARDataModule(ImageDataModule):
         self,
         dataset: str = "cifar10",
         data_dir: str | Path = "data",
-        batch_size: int = 128,
-        num_workers: int = 4,
-        val_size: int = 5000,
-        seed: int = 0,
-        synthetic: bool = False,
-        download: bool = False,
-        augment: bool = True,
-        pin_memory: bool = False,
-        train_subset: int | None = None,
-        test_size: int | None = None,
+        *,
         generated_path: str | Path | None = None,
         generated_fraction: float = 0.7,
         verify_checksums: bool = False,
-        synthetic_sizes: Sequence[int] = (512, 256, 256),
+        **options: Any,
     ) -> None:
+        """``options``: :class:`ImageDataModule`'s (``batch_size``, ``val_size``, ...); here
+        ``augment`` defaults to true and ``num_workers`` to 4."""
         if dataset not in SPECS:
             raise ValueError(f"dataset must be one of {sorted(SPECS)}, got {dataset!r}")
-        super().__init__(
-            data_dir=data_dir,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            val_size=val_size,
-            seed=seed,
-            synthetic=synthetic,
-            download=download,
-            augment=augment,
-            pin_memory=pin_memory,
-            train_subset=train_subset,
-            test_size=test_size,
-            synthetic_sizes=synthetic_sizes,
-        )
+        super().__init__(data_dir, **{"augment": True, "num_workers": 4, **options})
         self.dataset = dataset
         self.spec = SPECS[dataset]
         self.num_classes = self.spec.num_classes
-        self.mean = self.spec.mean
-        self.std = self.spec.std
         self.verify_checksums = verify_checksums
         self.generated_path = generated_path
         self.generated_fraction = generated_fraction

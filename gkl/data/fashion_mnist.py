@@ -5,8 +5,8 @@ from __future__ import annotations
 import gzip
 import math
 import zlib
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,38 +63,10 @@ class FashionMNISTDataModule(ImageDataModule):
 
     num_classes = 10
     input_shape = (1, 28, 28)
-    mean = (0.2860,)
-    std = (0.3530,)
 
-    def __init__(
-        self,
-        data_dir: str | Path = DEFAULT_DIR,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        val_size: int = 5000,
-        seed: int = 0,
-        synthetic: bool = False,
-        train_subset: int | None = None,
-        augment: bool = False,
-        pin_memory: bool = False,
-        test_size: int | None = None,
-        download: bool = False,
-        synthetic_sizes: Sequence[int] = (512, 256, 256),
-    ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            val_size=val_size,
-            seed=seed,
-            synthetic=synthetic,
-            download=download,
-            augment=augment,
-            pin_memory=pin_memory,
-            train_subset=train_subset,
-            test_size=test_size,
-            synthetic_sizes=synthetic_sizes,
-        )
+    def __init__(self, data_dir: str | Path = DEFAULT_DIR, **options: Any) -> None:
+        """``options``: :class:`ImageDataModule`'s (``batch_size``, ``val_size``, ...)."""
+        super().__init__(data_dir, **options)
 
     def _search_dirs(self) -> tuple[Path, Path]:
         return self.data_dir, self.data_dir / "FashionMNIST" / "raw"

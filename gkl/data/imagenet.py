@@ -136,42 +136,28 @@ class ImageNetDataModule(ImageDataModule):
     """
 
     input_shape = (3, 224, 224)
-    mean = (0.485, 0.456, 0.406)
-    std = (0.229, 0.224, 0.225)
 
     def __init__(
         self,
         data_dir: str | Path = "data/imagenet",
-        batch_size: int = 256,
-        num_workers: int = 8,
-        val_size: int = 10000,
-        seed: int = 0,
-        synthetic: bool = False,
-        augment: bool = True,
-        pin_memory: bool = False,
-        train_subset: int | None = None,
-        test_size: int | None = None,
+        *,
         num_classes: int = 1000,
-        synthetic_sizes: Sequence[int] = (512, 256, 256),
         test_ids: str | None = None,
         preprocessing: str = "Res256Crop224",
+        **options: Any,
     ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            val_size=val_size,
-            seed=seed,
-            synthetic=synthetic,
-            download=False,
-            augment=augment,
-            pin_memory=pin_memory,
-            train_subset=train_subset,
-            test_size=test_size,
-            synthetic_sizes=synthetic_sizes,
-        )
+        """``options``: :class:`ImageDataModule`'s (``batch_size``, ``val_size``, ...); here
+        ``batch_size`` defaults to 256, ``num_workers`` to 8, ``val_size`` to 10,000 and
+        ``augment`` to true. ImageNet is never downloaded."""
+        if options.pop("download", False):
+            raise ValueError(
+                "data.download=true: ImageNet cannot be downloaded; point data.data_dir at an "
+                "ImageFolder copy (train/<wnid>/*, val/<wnid>/*)"
+            )
+        defaults = {"batch_size": 256, "num_workers": 8, "val_size": 10000, "augment": True}
+        super().__init__(data_dir, **{**defaults, **options})
         self.num_classes = num_classes
-        if test_ids is not None and test_size is not None:
+        if test_ids is not None and self.test_size is not None:
             raise ValueError("give data.test_ids (a fixed image list) or data.test_size, not both")
         preprocessing_transform(preprocessing)  # unknown names fail here, before any work
         self.test_ids = test_ids

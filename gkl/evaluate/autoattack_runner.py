@@ -294,33 +294,7 @@ def autoattack_run(
     )
 
 
-def autoattack_accuracy(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    eps: float,
-    norm: str = "Linf",
-    version: str = "standard",
-    attacks: list[str] | None = None,
-    batch_size: int = 256,
-    seed: int | None = 0,
-    state_path: str | Path | None = None,
-    device: str | torch.device | None = None,
-    tag: Mapping[str, Any] | None = None,
-) -> float:
-    """Robust accuracy under AutoAttack; see :func:`run_autoattack` for the arguments."""
-    return run_autoattack(
-        model,
-        x,
-        y,
-        eps=eps,
-        norm=norm,
-        version=version,
-        attacks=attacks,
-        batch_size=batch_size,
-        seed=seed,
-        state_path=state_path,
-        device=device,
-        tag=tag,
-    ).robust_accuracy
+def autoattack_accuracy(model: nn.Module, x: Tensor, y: Tensor, **options: Any) -> float:
+    """Robust accuracy under AutoAttack: ``run_autoattack(model, x, y, **options)``'s
+    ``robust_accuracy`` (the same keyword arguments: ``eps``, ``norm``, ``version``, ...)."""
+    return run_autoattack(model, x, y, **options).robust_accuracy

@@ -4,7 +4,7 @@ from .dkd import dkd_loss
 from .gkl import dkl_loss, gkl_loss
 from .kl import kd_loss, kl_divergence, soft_cross_entropy, trades_kl
 from .modules import CrossEntropyLoss, DKDLoss, DKLLoss, GKLLoss, KDLoss, TradesKLLoss
-from .prior import ClassPrior
+from .prior import ClassPrior, class_prior_for
 
 __all__ = [
     "ClassPrior",
@@ -14,6 +14,7 @@ __all__ = [
     "GKLLoss",
     "KDLoss",
     "TradesKLLoss",
+    "class_prior_for",
     "dkd_loss",
     "dkl_loss",
     "gkl_loss",

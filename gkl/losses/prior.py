@@ -73,3 +73,23 @@ class ClassPrior(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, temperature={self.temperature}"
+
+
+def class_prior_for(num_classes: int, *losses: nn.Module | None) -> ClassPrior | None:
+    """The one :class:`ClassPrior` that ``losses`` read, or ``None`` when none of them uses one.
+
+    A loss asks for the prior with ``use_class_prior`` and sets its temperature with
+    ``temperature2``; losses that share a task share its prior (the same ``softmax(t / T2)``
+    statistics feed them all), so their ``temperature2`` must agree.
+    """
+    users = [m for m in losses if m is not None and getattr(m, "use_class_prior", False)]
+    if not users:
+        return None
+    temperatures = sorted({m.temperature2 for m in users})
+    if len(temperatures) > 1:
+        names = ", ".join(f"{type(m).__name__}(temperature2={m.temperature2})" for m in users)
+        raise ValueError(
+            f"{names} read one class prior but ask for different temperatures {temperatures}: "
+            "set the same temperature2 (e.g. loss.temperature2 and task.attack_loss.temperature2)"
+        )
+    return ClassPrior(num_classes, temperature=temperatures[0])

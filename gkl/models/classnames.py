@@ -81,6 +81,15 @@ def _template_sets() -> dict[str, tuple[str, ...]]:
     }
 
 
+def _shipped(kind: str, name: str, sets: dict[str, tuple[str, ...]], custom: str) -> tuple:
+    """``sets[name]``, or an error listing the shipped ``kind`` sets and the ``custom`` form."""
+    if name not in sets:
+        raise ValueError(
+            f"unknown {kind} set {name!r}; shipped sets: {sorted(sets)} (or pass {custom})"
+        )
+    return sets[name]
+
+
 # Default template set of each shipped class-name set.
 DEFAULT_TEMPLATES = {"cifar10": "cifar", "cifar100": "cifar", "imagenet": "imagenet"}
 
@@ -88,13 +97,7 @@ DEFAULT_TEMPLATES = {"cifar10": "cifar", "cifar100": "cifar", "imagenet": "image
 def get_class_names(names: str | Sequence[str]) -> tuple[str, ...]:
     """A shipped set by data-set name (``cifar10``, ``cifar100``, ``imagenet``) or ``names``."""
     if isinstance(names, str):
-        sets = _class_sets()
-        if names not in sets:
-            raise ValueError(
-                f"unknown class-name set {names!r}; shipped sets: {sorted(sets)} (or pass a list "
-                "of class names in label order)"
-            )
-        return sets[names]
+        return _shipped("class-name", names, _class_sets(), "a list of class names in label order")
     names = tuple(str(n) for n in names)
     if not names:
         raise ValueError("class_names is empty")
@@ -113,13 +116,7 @@ def get_templates(templates: str | Sequence[str] | None, class_set: str | None =
             )
         templates = DEFAULT_TEMPLATES[class_set]
     if isinstance(templates, str):
-        sets = _template_sets()
-        if templates not in sets:
-            raise ValueError(
-                f"unknown template set {templates!r}; shipped sets: {sorted(sets)} (or pass a "
-                "list of strings with one '{}')"
-            )
-        return sets[templates]
+        return _shipped("template", templates, _template_sets(), "a list of strings with one '{}'")
     templates = tuple(str(t) for t in templates)
     bad = [t for t in templates if t.count("{}") != 1]
     if not templates or bad:

@@ -8,17 +8,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from gkl import losses
 from gkl.attacks import NORMS, ThreatModel, parse_number, pgd, trades_perturb
 from gkl.attacks.defaults import default_step_size
-from gkl.losses import (
-    ClassPrior,
-    CrossEntropyLoss,
-    DKDLoss,
-    DKLLoss,
-    GKLLoss,
-    KDLoss,
-    TradesKLLoss,
-)
 
 from .awp import Forward, add_perturbation, awp_perturbation
 from .classify import ClassificationTask, OptimizerFactory, SchedulerFactory
@@ -28,12 +20,12 @@ from .weight_average import WeightAverage
 OBJECTIVES = ("trades", "gkl", "pgd_at")
 # Losses the inner maximisation can compute from (f(x'), f(x), y, class-prior rows).
 ATTACK_LOSSES: dict[str, type[nn.Module]] = {
-    "trades_kl": TradesKLLoss,
-    "gkl": GKLLoss,
-    "dkl": DKLLoss,
-    "kd": KDLoss,
-    "dkd": DKDLoss,
-    "ce": CrossEntropyLoss,
+    "trades_kl": losses.TradesKLLoss,
+    "gkl": losses.GKLLoss,
+    "dkl": losses.DKLLoss,
+    "kd": losses.KDLoss,
+    "dkd": losses.DKDLoss,
+    "ce": losses.CrossEntropyLoss,
 }
 
 
@@ -151,7 +143,9 @@ class AdversarialTask(ClassificationTask):
         self.val_pgd_subset = val_pgd_subset
         self.val_pgd_seed = val_pgd_seed
         self.require_generated_data = require_generated_data
-        self.class_prior = _class_prior(num_classes, objective, loss, self.attack_loss)
+        # The training loss and the attack loss read one prior of softmax(f(x) / T2).
+        robust_prior_user = loss if objective == "gkl" else None
+        self.class_prior = losses.class_prior_for(num_classes, robust_prior_user, self.attack_loss)
         self.ema_model = ema_copy(model) if self.ema_decay else None
         self.averaged_model = (
             WeightAverage(model, weight_average, weight_average_start)
@@ -199,7 +193,7 @@ class AdversarialTask(ClassificationTask):
             return pgd(self.model, x, y, eps=eps, step_size=step, steps=self.steps, norm=self.norm)
         objective = None
         attack_loss = self.attack_loss
-        if attack_loss is not None and not isinstance(attack_loss, TradesKLLoss):
+        if attack_loss is not None and not isinstance(attack_loss, losses.TradesKLLoss):
 
             def objective(adv_logits: Tensor, nat_logits: Tensor) -> Tensor:
                 return attack_loss(adv_logits, nat_logits, y, class_prior=prior)
@@ -321,10 +315,6 @@ class AdversarialTask(ClassificationTask):
         if self.averaged_model is not None and batch_idx + 1 == self.trainer.num_training_batches:
             self.averaged_model.update(self.model, self.current_epoch + 1)
 
-    def on_train_epoch_end(self) -> None:
-        if self.class_prior is not None:
-            self.class_prior.end_epoch()
-
     # --- evaluation -------------------------------------------------------------------------
 
     def _evaluate(self, batch, metric: MulticlassAccuracy, stage: str) -> None:
@@ -368,17 +358,17 @@ def _check_loss(objective: str, loss: nn.Module | None) -> nn.Module | None:
     """The robust-term module for ``objective``, or a ``ValueError`` naming the right loss."""
     if objective == "trades":
         if loss is None:
-            return TradesKLLoss()
-        if not isinstance(loss, TradesKLLoss):
+            return losses.TradesKLLoss()
+        if not isinstance(loss, losses.TradesKLLoss):
             raise ValueError(
                 f"objective='trades' uses TradesKLLoss (weighted by task.trades_beta), got "
                 f"{type(loss).__name__}: set loss=trades_kl; for GKL use objective='gkl' loss=gkl"
             )
     elif objective == "gkl":
-        if not isinstance(loss, GKLLoss | DKLLoss):
+        if not isinstance(loss, losses.GKLLoss | losses.DKLLoss):
             got = type(loss).__name__ if loss is not None else None
             raise ValueError(f"objective='gkl' needs loss=gkl (GKLLoss) or dkl, got {got}")
-    elif loss is not None and not isinstance(loss, CrossEntropyLoss):
+    elif loss is not None and not isinstance(loss, losses.CrossEntropyLoss):
         raise ValueError(
             f"objective='pgd_at' trains on CE(f(x_adv), y); use loss=ce, got {type(loss).__name__}"
         )
@@ -404,19 +394,3 @@ def _check_attack_loss(objective: str, attack_loss: nn.Module | None) -> nn.Modu
             f"{valid}, or null (the TRADES KL ascent)"
         )
     return attack_loss
-
-
-def _class_prior(
-    num_classes: int, objective: str, loss: nn.Module | None, attack_loss: nn.Module | None
-) -> ClassPrior | None:
-    """One :class:`ClassPrior` for the training loss and the attack loss that use it (the same
-    ``softmax(f(x) / T2)`` statistics feed both), or ``None``."""
-    users = [m for m in (loss if objective == "gkl" else None, attack_loss) if m is not None]
-    users = [m for m in users if getattr(m, "use_class_prior", False)]
-    temperatures = {m.temperature2 for m in users}
-    if len(temperatures) > 1:
-        raise ValueError(
-            "loss.temperature2 and task.attack_loss.temperature2 differ "
-            f"({sorted(temperatures)}): both read the same class prior; make them equal"
-        )
-    return ClassPrior(num_classes, temperature=temperatures.pop()) if users else None

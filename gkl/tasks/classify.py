@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from gkl.losses import ClassPrior
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
 
@@ -19,8 +21,12 @@ class ClassificationTask(pl.LightningModule):
     """``model`` maps images in [0, 1] to logits (normalisation lives inside the model).
 
     ``optimizer`` and ``scheduler`` are partials (Hydra ``_partial_: true``): ``optimizer(params)``
-    and ``scheduler(optimizer)``; the scheduler is stepped once per epoch.
+    and ``scheduler(optimizer)``; the scheduler is stepped once per epoch. ``class_prior`` is the
+    :class:`ClassPrior` a subclass's losses read (:func:`gkl.losses.class_prior_for`); this class
+    finalises it at each training epoch's end.
     """
+
+    class_prior: ClassPrior | None
 
     def __init__(
         self,
@@ -36,6 +42,7 @@ class ClassificationTask(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.class_prior = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -69,6 +76,11 @@ class ClassificationTask(pl.LightningModule):
         self.log("train/acc", accuracy, prog_bar=True, **epoch_mean)
         for name, value in parts.items():
             self.log(f"train/{name}", value.detach(), **epoch_mean)
+
+    def on_train_epoch_end(self) -> None:
+        """The epoch's class-prior statistics become the prior of the next epoch."""
+        if self.class_prior is not None:
+            self.class_prior.end_epoch()
 
     def _evaluate(self, batch, metric: MulticlassAccuracy, stage: str) -> None:
         x, y = batch

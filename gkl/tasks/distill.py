@@ -10,7 +10,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from gkl.data.teacher_cache import TeacherLogitsDataset, compute_teacher_logits
-from gkl.losses import ClassPrior
+from gkl.losses import class_prior_for
 from gkl.models.wrappers import FrozenTeacher
 
 from .classify import ClassificationTask, OptimizerFactory, SchedulerFactory
@@ -56,10 +56,7 @@ class DistillationTask(ClassificationTask):
         self.warmup_epochs = warmup_epochs
         self.save_teacher = save_teacher
         self.cache_teacher_outputs = cache_teacher_outputs
-        uses_prior = getattr(loss, "use_class_prior", False)
-        self.class_prior = (
-            ClassPrior(num_classes, temperature=loss.temperature2) if uses_prior else None
-        )
+        self.class_prior = class_prior_for(num_classes, loss)
         self.teacher_val_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def distill_weight(self) -> float:
@@ -90,10 +87,6 @@ class DistillationTask(ClassificationTask):
             self.class_prior.update(teacher_logits, y)
         self.log_train(loss, logits, y, {"ce": ce, "distill": distill})
         return loss
-
-    def on_train_epoch_end(self) -> None:
-        if self.class_prior is not None:
-            self.class_prior.end_epoch()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)
