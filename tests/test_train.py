@@ -274,3 +274,30 @@ def test_timm_student_and_timm_teacher_compose_and_run(compose_cfg, tmp_path):
     )
     metrics = run(cfg)
     assert "test/acc" in metrics
+
+
+@needs_fmnist
+def test_cached_teacher_outputs_train_as_the_teacher_run_every_step(compose_cfg, tmp_path):
+    """``task.cache_teacher_outputs``: the data module serves the teacher's logits of each
+    training image (computed once, in other batches) and the student trains as with the
+    teacher run at every step."""
+    overrides = [*fmnist_kd_overrides(tmp_path, epochs=1), "test=false"]
+    states = {}
+    for cache in (True, False):
+        cfg = compose_cfg(
+            tmp_path / str(cache), [*overrides, f"task.cache_teacher_outputs={cache}"]
+        )
+        torch.manual_seed(0)  # the same student initialisation
+        task = build_task(
+            cfg, instantiate(cfg.model), build_teacher(cfg), instantiate(cfg.loss), 10
+        )
+        dm = build_datamodule(cfg.data)
+        trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+        trainer.fit(task, datamodule=dm)
+        states[cache] = task.model.state_dict()
+        if cache:
+            items = dm.train_set.__getitems__(list(range(100)))
+            x, logits = torch.stack([i[0] for i in items]), torch.stack([i[2] for i in items])
+            torch.testing.assert_close(logits, task.teacher(x), rtol=0, atol=1e-5)
+    for key, value in states[True].items():
+        torch.testing.assert_close(value, states[False][key], rtol=0, atol=1e-5, msg=key)

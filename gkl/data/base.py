@@ -9,10 +9,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from gkl.data.datasets import BatchTransform, ImageTensorDataset
+from gkl.data.teacher_cache import TeacherLogitsDataset, compute_teacher_logits
 
 
 def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -180,6 +181,14 @@ class ImageDataModule(pl.LightningDataModule):
                 " validation metrics are test metrics, do not select models on them."
             )
             self.val_set = self.test_set
+
+    def serve_teacher_logits(self, teacher: nn.Module, device: torch.device) -> None:
+        """Teacher-output caching: compute ``teacher``'s logits on the (un-augmented) training set
+        once and serve training batches as ``(x, y, teacher_logits)`` from then on (idempotent)."""
+        train_set = self._require(self.train_set, "train_set")
+        if not isinstance(train_set, TeacherLogitsDataset):
+            logits = compute_teacher_logits(teacher, train_set, device=device)
+            self.train_set = TeacherLogitsDataset(train_set, logits)
 
     def _loader_kwargs(self) -> dict[str, Any]:
         return {

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from gkl.data.teacher_cache import TeacherLogitsDataset, compute_teacher_logits
 from gkl.losses import class_prior_for
 from gkl.models.wrappers import FrozenTeacher
 
@@ -25,8 +24,9 @@ class DistillationTask(ClassificationTask):
     ``use_class_prior`` (GKL with class-wise global information), a :class:`ClassPrior` accumulates
     the teacher's ``softmax(t / temperature2)`` per true class and is refreshed at each epoch end.
     The warm-up is the authors' (mdistiller's) ``min(epoch / warmup, 1)`` with 1-based epochs.
-    ``cache_teacher_outputs`` computes the teacher's logits on the (un-augmented) training set once
-    at fit start and serves them with the batches instead of running the teacher every step.
+    ``cache_teacher_outputs`` has the data module compute the teacher's logits on the
+    (un-augmented) training set once at fit start and serve them with the batches
+    (:meth:`ImageDataModule.serve_teacher_logits`) instead of running the teacher every step.
     """
 
     def __init__(
@@ -66,11 +66,16 @@ class DistillationTask(ClassificationTask):
         return self.distill_scale * min((self.current_epoch + 1) / self.warmup_epochs, 1.0)
 
     def on_fit_start(self) -> None:
-        datamodule = self.trainer.datamodule
-        if not self.cache_teacher_outputs or isinstance(datamodule.train_set, TeacherLogitsDataset):
+        if not self.cache_teacher_outputs:
             return
-        logits = compute_teacher_logits(self.teacher, datamodule.train_set, device=self.device)
-        datamodule.train_set = TeacherLogitsDataset(datamodule.train_set, logits)
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "serve_teacher_logits"):
+            raise ValueError(
+                "task.cache_teacher_outputs=true needs a data module that serves cached teacher "
+                f"logits (gkl.data.ImageDataModule); {type(datamodule).__name__} does not: set "
+                "task.cache_teacher_outputs=false"
+            )
+        datamodule.serve_teacher_logits(self.teacher, self.device)
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int):
         if len(batch) == 3:  # cached teacher outputs
