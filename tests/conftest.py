@@ -3,6 +3,7 @@
 import itertools
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,49 @@ import torch
 
 torch.set_num_threads(2)
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _robustbench_available() -> bool:
+    from gkl.evaluate.robustbench_backend import robustbench_available
+
+    return robustbench_available()
+
+
+# Requirement markers (lightning-hydra-template's RunIf): @pytest.mark.<name> skips a test, with
+# the reason, where the requirement is missing.
+REQUIREMENTS = {
+    "needs_fmnist": (
+        lambda: all(
+            (FMNIST_DIR / f"{s}-images-idx3-ubyte.gz").is_file() for s in ("train", "t10k")
+        ),
+        f"real Fashion-MNIST not in {FMNIST_DIR}: sudo apt-get install dataset-fashion-mnist",
+    ),
+    "needs_robustbench": (
+        _robustbench_available,
+        "robustbench (with its dependencies) not installed (scripts/install_robustbench.sh)",
+    ),
+    "needs_cuda": (torch.cuda.is_available, "needs a CUDA GPU"),
+}
+
+
+def pytest_configure(config):
+    for name, (_, reason) in REQUIREMENTS.items():
+        config.addinivalue_line("markers", f"{name}: skipped where it is missing ({reason})")
+
+
+def pytest_collection_modifyitems(config, items):
+    met = {}
+    for item in items:
+        for name, (available, reason) in REQUIREMENTS.items():
+            if item.get_closest_marker(name) is None:
+                continue
+            if name not in met:
+                met[name] = available()
+            if not met[name]:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from functools import partial
-from pathlib import Path
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -23,7 +22,6 @@ from gkl.train import run
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 SGD = partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4)
 
 
@@ -289,7 +287,7 @@ def test_update_ema_formula():
 # ----------------------------------------------------------------------------- Lightning runs
 
 
-@pytest.mark.skipif(not FMNIST.exists(), reason="needs `apt-get install dataset-fashion-mnist`")
+@pytest.mark.needs_fmnist
 def test_resume_of_gkl_at_with_awp_ema_and_prior_after_a_crash_mid_epoch_is_exact(
     compose_cfg, tmp_path
 ):

@@ -36,11 +36,6 @@ from gkl.data import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(
-    not (FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
-    reason=f"real Fashion-MNIST not in {FMNIST_DIR}: sudo apt-get install dataset-fashion-mnist",
-)
 
 
 # --- helpers: writers for the real on-disk formats ----------------------------------------------
@@ -202,7 +197,7 @@ def nhwc_to_tensor(images: np.ndarray) -> Tensor:
 # --- Fashion-MNIST ------------------------------------------------------------------------------
 
 
-@needs_fmnist
+@pytest.mark.needs_fmnist
 def test_fashion_mnist_real_files() -> None:
     dm = FashionMNISTDataModule(batch_size=256)
     dm.setup()
@@ -220,7 +215,7 @@ def test_fashion_mnist_real_files() -> None:
     assert torch.bincount(dm.test_set.labels).tolist() == [1000] * 10
 
 
-@needs_fmnist
+@pytest.mark.needs_fmnist
 def test_fashion_mnist_matches_foolbox_pngs(foolbox_wheel: zipfile.ZipFile) -> None:
     pil, labels = foolbox_images(foolbox_wheel, "fashionMNIST")
     dm = FashionMNISTDataModule(test_size=20)

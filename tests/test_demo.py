@@ -21,10 +21,6 @@ from gkl.train import CONFIG_DIR, build_task
 
 ROOT = Path(CONFIG_DIR).parent
 DEMO = ROOT / "scripts" / "demo_fmnist.py"
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_fmnist = pytest.mark.skipif(
-    not FMNIST.exists(), reason="needs `apt-get install dataset-fashion-mnist`"
-)
 # A teacher and students small enough for seconds: the same code paths as the real demo.
 TINY_TEACHER = ["data.train_subset=500", "data.val_size=200", "data.test_size=200"]
 TINY_TEACHER += ["trainer.max_epochs=1"]
@@ -110,7 +106,7 @@ def _demo_command(out: Path) -> list[str]:
     ]
 
 
-@needs_fmnist
+@pytest.mark.needs_fmnist
 def test_interrupted_demo_reuses_finished_runs_resumes_the_cut_one_and_draws_the_png(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -18,7 +18,6 @@ import torch
 
 from gkl.config import CONFIG_DIR, compose_config
 from gkl.evaluate import autoattack_runner, validate_model_card
-from gkl.evaluate.robustbench_backend import robustbench_available
 from gkl.evaluate.run import (
     RESULTS_FILE,
     SMOKE_RESULTS_FILE,
@@ -180,10 +179,7 @@ def test_second_run_with_the_same_state_path_resumes_without_attacking(tmp_path,
     assert second["clean_acc"] == first["clean_acc"]
 
 
-@pytest.mark.skipif(
-    not robustbench_available(),
-    reason="robustbench (with its dependencies) not installed (scripts/install_robustbench.sh)",
-)
+@pytest.mark.needs_robustbench
 @pytest.mark.filterwarnings("ignore:pkg_resources is deprecated")
 def test_robustbench_backend(tmp_path):
     fake_cifar10(tmp_path)
@@ -328,10 +324,7 @@ def train_run(tmp_path: Path, overrides: list[str]) -> Path:
 AA_CHEAP = ["pgd.steps=2", "autoattack.version=custom", "autoattack.attacks=[apgd-ce]"]
 
 
-@pytest.mark.skipif(
-    not Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").exists(),
-    reason="needs `apt-get install dataset-fashion-mnist`",
-)
+@pytest.mark.needs_fmnist
 def test_eval_of_a_fashion_mnist_run_needs_only_the_checkpoint(tmp_path):
     checkpoint = train_run(
         tmp_path,
@@ -483,7 +476,7 @@ def test_unreliable_result_writes_no_card_unless_allowed(tmp_path):
 # ----------------------------------------------------------------------------- export
 
 
-@pytest.mark.skipif(not robustbench_available(), reason="robustbench not installed")
+@pytest.mark.needs_robustbench
 @pytest.mark.filterwarnings("ignore:pkg_resources is deprecated")
 def test_eval_export_robustbench_writes_a_zoo_ready_submission(tmp_path):
     fake_cifar10(tmp_path, n=8)

@@ -25,7 +25,6 @@ from gkl.evaluate import (
     write_model_card,
 )
 from gkl.evaluate.model_card import CARD_FIELDS
-from gkl.evaluate.robustbench_backend import robustbench_available
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -372,10 +371,7 @@ def test_validate_model_card_missing_field_and_write_errors(tmp_path):
 # ---------------------------------------------------------------- RobustBench
 
 
-@pytest.mark.skipif(
-    not robustbench_available(),
-    reason="robustbench (with its dependencies) not installed (scripts/install_robustbench.sh)",
-)
+@pytest.mark.needs_robustbench
 @pytest.mark.filterwarnings("ignore:pkg_resources is deprecated")
 def test_robustbench_backend_offline(digits, monkeypatch):
     from gkl.evaluate.robustbench_backend import robustbench_benchmark

@@ -34,10 +34,6 @@ from gkl.train import CONFIG_DIR, SMOKE_METRICS_FILE, run
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(CONFIG_DIR).parent
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_fmnist = pytest.mark.skipif(
-    not FMNIST.exists(), reason="needs `apt-get install dataset-fashion-mnist`"
-)
 # A tiny run: 120 training images in batches of 20 -> 6 steps an epoch, 2 epochs.
 TINY = [
     "data.train_subset=120",
@@ -103,7 +99,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 # ----------------------------------------------------------------------------- exact resume
 
 
-@needs_fmnist
+@pytest.mark.needs_fmnist
 @pytest.mark.parametrize("task", ["kd", "gkl_at", "trades"])
 def test_resume_from_mid_epoch_end_of_epoch_and_final_step_equals_uninterrupted(
     compose_run, tmp_path, task
@@ -271,7 +267,7 @@ def test_kill_9_while_writing_checkpoints_leaves_a_readable_one(tmp_path, monkey
     assert not new_in_tmpdir  # nothing was staged in $TMPDIR
 
 
-@needs_fmnist
+@pytest.mark.needs_fmnist
 def test_training_killed_by_sigkill_resumes_in_its_directory(tmp_path):
     run_dir = tmp_path / "run"
     args = [
@@ -485,7 +481,7 @@ def test_truncated_checkpoint_is_named(compose_run, tmp_path, adam_checkpoint):
         ("trainer.max_epochs=1", "data.train_subset=120 < 1000 images"),
     ],
 )
-@needs_fmnist
+@pytest.mark.needs_fmnist
 def test_untrained_and_tiny_runs_are_marked_not_a_result(compose_run, tmp_path, override, reason):
     run(compose_run(tmp_path / "run", [*TINY, override, "~callbacks.mid_epoch_checkpoint"]))
     record = json.loads((tmp_path / "run" / SMOKE_METRICS_FILE).read_text())

@@ -252,7 +252,8 @@ def test_compile_switch_keeps_state_dict_keys(compose_cfg, tmp_path, monkeypatch
 # ----------------------------------------------------------------------------- tools
 
 
-def test_gpu_check_runs_on_cpu_with_one_step(tmp_path, monkeypatch):
+def run_gpu_check(tmp_path, monkeypatch, device: str) -> list:
+    """``scripts/gpu_check.py`` on ``device`` with one step of each workload on tiny networks."""
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # for its dataclass
@@ -260,7 +261,7 @@ def test_gpu_check_runs_on_cpu_with_one_step(tmp_path, monkeypatch):
     out = tmp_path / "gpu_check.json"
     results = gpu_check.main(
         [
-            "--device=cpu",
+            f"--device={device}",
             "--steps=1",
             "--warmup=0",
             "--kd-batch=4",
@@ -272,6 +273,12 @@ def test_gpu_check_runs_on_cpu_with_one_step(tmp_path, monkeypatch):
             f"--json={out}",
         ]
     )
+    assert out.exists()
+    return results
+
+
+def test_gpu_check_runs_on_cpu_with_one_step(tmp_path, monkeypatch):
+    results = run_gpu_check(tmp_path, monkeypatch, "cpu")
     assert [(r.workload, r.mode) for r in results] == [
         ("cifar100_kd", "fp32"),
         ("cifar100_kd", "bf16+cl"),
@@ -280,7 +287,14 @@ def test_gpu_check_runs_on_cpu_with_one_step(tmp_path, monkeypatch):
     ]
     assert all(r.images_per_s > 0 and r.recipe_hours > 0 for r in results)
     assert results[0].epochs == 240 and results[0].train_images == 50_000
-    assert out.exists()
+    assert all(r.peak_memory_gib is None for r in results)
+
+
+@pytest.mark.needs_cuda
+def test_gpu_check_runs_on_cuda_and_reports_memory(tmp_path, monkeypatch):
+    results = run_gpu_check(tmp_path, monkeypatch, "cuda")
+    assert len(results) == 4 and all(r.images_per_s > 0 for r in results)
+    assert all(r.peak_memory_gib is not None and r.peak_memory_gib > 0 for r in results)
 
 
 @pytest.mark.slow

@@ -20,15 +20,11 @@ from gkl.data.imagenet import (
 )
 from gkl.evaluate import model_card, robustbench_architecture, validate_model_card
 from gkl.evaluate.export import export_robustbench, robustbench_network
-from gkl.evaluate.robustbench_backend import _import_robustbench, robustbench_available
+from gkl.evaluate.robustbench_backend import _import_robustbench
 from gkl.models import create_model
 from gkl.models.wrappers import CIFAR10_MEAN, CIFAR10_STD, Normalized
 
 FIXTURES = Path(__file__).parent / "fixtures" / "robustbench_model_info"
-needs_robustbench = pytest.mark.skipif(
-    not robustbench_available(),
-    reason="robustbench (with its dependencies) not installed (scripts/install_robustbench.sh)",
-)
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:pkg_resources is deprecated"),
@@ -101,7 +97,7 @@ def fake_imagenet(root: Path, ids: list[str], extra: int = 3) -> Path:
     return root
 
 
-@needs_robustbench
+@pytest.mark.needs_robustbench
 def test_robustbench_list_is_the_installed_packages_5000_ids():
     ids = read_test_ids("robustbench")
     assert len(ids) == 5000 and len(set(ids)) == 5000
@@ -141,7 +137,7 @@ def test_imagenet_test_set_follows_the_list_in_its_order(tmp_path):
         dm.test_dataloader()
 
 
-@needs_robustbench
+@pytest.mark.needs_robustbench
 @pytest.mark.parametrize("name", list(PREPROCESSINGS))
 def test_preprocessings_match_robustbench(name):
     theirs = _import_robustbench("data").PREPROCESSINGS[name]
@@ -191,7 +187,7 @@ def _randomised_wrn(num_classes: int = 10) -> torch.nn.Module:
     return net.eval()
 
 
-@needs_robustbench
+@pytest.mark.needs_robustbench
 @pytest.mark.parametrize("wrapped", [False, True], ids=["bare", "identity-normalized"])
 def test_exported_wrn_loads_strictly_into_robustbench_with_the_same_logits(tmp_path, wrapped):
     net = _randomised_wrn(num_classes=100)

@@ -24,10 +24,6 @@ from gkl.train import (
 
 ROOT = Path(CONFIG_DIR).parent
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
-FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_fmnist = pytest.mark.skipif(
-    not FMNIST.exists(), reason="needs `apt-get install dataset-fashion-mnist`"
-)
 
 
 def save_random_teacher(path: Path, name: str = "fmnist_cnn", num_classes: int = 10) -> Path:
@@ -101,7 +97,7 @@ def fmnist_kd_overrides(tmp_path: Path, epochs: int = 3) -> list[str]:
     ]
 
 
-@needs_fmnist
+@pytest.mark.needs_fmnist
 def test_resume_after_a_crash_mid_epoch_is_exact(compose_cfg, tmp_path):
     # mode=min makes an early epoch the "best": last.ckpt must still be the final epoch.
     overrides = [*fmnist_kd_overrides(tmp_path), "callbacks.model_checkpoint.mode=min"]
@@ -127,7 +123,7 @@ def test_resume_after_a_crash_mid_epoch_is_exact(compose_cfg, tmp_path):
         assert torch.equal(resumed_final["state_dict"][key], value), key
 
 
-@needs_fmnist
+@pytest.mark.needs_fmnist
 def test_distillation_keeps_teacher_frozen_and_updates_class_prior(compose_cfg, tmp_path):
     cfg = compose_cfg(tmp_path, [*fmnist_kd_overrides(tmp_path, epochs=1), "test=false"])
     teacher = build_teacher(cfg)
@@ -276,7 +272,7 @@ def test_timm_student_and_timm_teacher_compose_and_run(compose_cfg, tmp_path):
     assert "test/acc" in metrics
 
 
-@needs_fmnist
+@pytest.mark.needs_fmnist
 def test_cached_teacher_outputs_train_as_the_teacher_run_every_step(compose_cfg, tmp_path):
     """``task.cache_teacher_outputs``: the data module serves the teacher's logits of each
     training image (computed once, in other batches) and the student trains as with the
