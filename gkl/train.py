@@ -27,7 +27,7 @@ from gkl.tasks.checkpointing import (
     load_checkpoint,
 )
 from gkl.tasks.distributed import check_distributed, exclude_rank_local_buffers
-from gkl.tasks.progress import print_run_summary
+from gkl.tasks.progress import keep_library_chatter_in_the_log, print_run_summary
 from gkl.tasks.speed import apply_speed
 
 log = logging.getLogger(__name__)
@@ -288,6 +288,7 @@ def export_weights(model: torch.nn.Module, path: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
+    keep_library_chatter_in_the_log()
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     metrics = run(cfg)
     print_run_summary(cfg, metrics, METRICS_FILE, SMOKE_METRICS_FILE)

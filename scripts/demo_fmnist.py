@@ -5,8 +5,8 @@ exists, then the student with CE only, Hinton KD, DKD and GKL (``+experiment=fmn
 runs at a time on one thread each. Shows one progress line per run (epoch, validation accuracy,
 ETA), then a table of last-epoch test accuracy, a PNG of the validation-accuracy curves and the
 run directories. Everything trained is reused: rerunning skips finished runs and resumes an
-interrupted one from its last checkpoint. Each run's output (warnings included) is in its
-``console.log``.
+interrupted one from its last checkpoint. Each run's terminal output (errors included) is in its
+``console.log``; its full log, library warnings and Lightning's messages included, in ``train.log``.
 
     python scripts/demo_fmnist.py                    # 1 seed
     python scripts/demo_fmnist.py --seeds 0 1 2      # the README's table (mean and spread)
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.monotonic()
     runs = build_runs(args)
-    print(f"demo output in {args.out.resolve()} (each run's log: <run dir>/console.log)")
+    print(f"demo output in {args.out.resolve()} (each run's log: <run dir>/train.log)")
     failed = run_all(runs, args.jobs)
     if failed:
         for run in failed:

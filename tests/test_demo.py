@@ -144,7 +144,8 @@ def test_interrupted_demo_reuses_finished_runs_resumes_the_cut_one_and_draws_the
         assert path.stat().st_mtime_ns == mtime, f"{path} was trained again"
     record = json.loads((kd_dir / "metrics.smoke.json").read_text())
     assert record["epochs_completed"] == STUDENT_EPOCHS
-    assert "Restoring states from the checkpoint path" in (kd_dir / "console.log").read_text()
+    assert "Restoring states from the checkpoint path" in (kd_dir / "train.log").read_text()
+    assert "Restoring states" not in (kd_dir / "console.log").read_text()  # kept off the terminal
     history = json.loads((kd_dir / "progress.json").read_text())["history"]
     assert [h["epoch"] for h in history] == list(range(STUDENT_EPOCHS))  # each epoch once
 

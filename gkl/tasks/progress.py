@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +21,41 @@ from gkl.io import atomic_write_json
 # What a researcher watches: training loss, clean and robust (AT) validation accuracy.
 DEFAULT_BAR_METRICS = ("train/loss", "val/acc", "val/pgd_acc")
 PROGRESS_FILE = "progress.json"
+
+
+# Library loggers whose INFO lines (device summary, tips, "fit stopped") are not for the terminal.
+LIBRARY_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "torchmetrics")
+
+
+class _LibraryChatter(logging.Filter):
+    """True for what the terminal shows: gkl's records, library warnings and errors, and Python
+    warnings raised in gkl's code; library INFO lines and library-raised warnings are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "py.warnings":
+            message = record.getMessage()
+            return "/gkl/" in message and "site-packages" not in message.split(":", 1)[0]
+        from_library = record.name.split(".")[0] in ("lightning", "torchmetrics")
+        return not from_library or record.levelno >= logging.WARNING
+
+
+def keep_library_chatter_in_the_log() -> None:
+    """Route Lightning's log records and Python warnings through the root logger (Hydra's
+    console and ``<run dir>/train.log`` handlers), and filter the console: the run's log file
+    keeps every line; the terminal shows the progress bar, gkl's lines and real warnings."""
+    logging.captureWarnings(True)
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.StreamHandler) and not isinstance(
+                handler, logging.FileHandler
+            ):
+                logger.removeHandler(handler)
+        logger.propagate = True
+    for handler in logging.getLogger().handlers:
+        stream = getattr(handler, "stream", None)
+        if not isinstance(handler, logging.FileHandler) and stream in (sys.stdout, sys.stderr):
+            handler.addFilter(_LibraryChatter())
 
 
 def _scalar(value: Any) -> float | None:
