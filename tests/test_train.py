@@ -297,3 +297,19 @@ def test_cached_teacher_outputs_train_as_the_teacher_run_every_step(compose_cfg,
             torch.testing.assert_close(logits, task.teacher(x), rtol=0, atol=1e-5)
     for key, value in states[True].items():
         torch.testing.assert_close(value, states[False][key], rtol=0, atol=1e-5, msg=key)
+
+
+def test_console_filter_keeps_gkl_lines_and_drops_library_chatter():
+    import logging
+
+    from gkl.tasks.progress import GKL_DIR, _LibraryChatter
+
+    def record(name: str, level: int, message: str) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, message, None, None)
+
+    shown = _LibraryChatter().filter
+    assert shown(record("py.warnings", logging.WARNING, f"{GKL_DIR}/data/base.py:1: UserWarning"))
+    assert not shown(record("py.warnings", logging.WARNING, "/x/site-packages/lightning/a.py:1: W"))
+    assert not shown(record("lightning.pytorch.utilities.rank_zero", logging.INFO, "Tip"))
+    assert shown(record("lightning.pytorch", logging.WARNING, "a real warning"))
+    assert shown(record("gkl.train", logging.INFO, "wrote metrics.json"))

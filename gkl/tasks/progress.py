@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,8 +22,9 @@ DEFAULT_BAR_METRICS = ("train/loss", "val/acc", "val/pgd_acc")
 PROGRESS_FILE = "progress.json"
 
 
-# Library loggers whose INFO lines (device summary, tips, "fit stopped") are not for the terminal.
-LIBRARY_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "torchmetrics")
+# Libraries whose INFO lines (device summary, tips, "fit stopped") are not for the terminal.
+LIBRARIES = ("lightning", "torchmetrics")
+GKL_DIR = str(Path(__file__).parent.parent)  # a warning raised in a file below it is gkl's
 
 
 class _LibraryChatter(logging.Filter):
@@ -32,29 +32,25 @@ class _LibraryChatter(logging.Filter):
     warnings raised in gkl's code; library INFO lines and library-raised warnings are dropped."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == "py.warnings":
-            message = record.getMessage()
-            return "/gkl/" in message and "site-packages" not in message.split(":", 1)[0]
-        from_library = record.name.split(".")[0] in ("lightning", "torchmetrics")
+        if record.name == "py.warnings":  # "<file>:<line>: <Category>: <message>"
+            return record.getMessage().startswith(GKL_DIR)
+        from_library = record.name.split(".")[0] in LIBRARIES
         return not from_library or record.levelno >= logging.WARNING
 
 
 def keep_library_chatter_in_the_log() -> None:
-    """Route Lightning's log records and Python warnings through the root logger (Hydra's
+    """Route the libraries' log records and Python warnings through the root logger (Hydra's
     console and ``<run dir>/train.log`` handlers), and filter the console: the run's log file
     keeps every line; the terminal shows the progress bar, gkl's lines and real warnings."""
     logging.captureWarnings(True)
-    for name in LIBRARY_LOGGERS:
-        logger = logging.getLogger(name)
+    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] in LIBRARIES]
+    for logger in map(logging.getLogger, names):
         for handler in list(logger.handlers):
-            if isinstance(handler, logging.StreamHandler) and not isinstance(
-                handler, logging.FileHandler
-            ):
+            if type(handler) is logging.StreamHandler:  # their own console output
                 logger.removeHandler(handler)
         logger.propagate = True
     for handler in logging.getLogger().handlers:
-        stream = getattr(handler, "stream", None)
-        if not isinstance(handler, logging.FileHandler) and stream in (sys.stdout, sys.stderr):
+        if type(handler) is logging.StreamHandler:  # Hydra's console handler
             handler.addFilter(_LibraryChatter())
 
 
