@@ -75,6 +75,11 @@ class ClassPrior(nn.Module):
         return f"num_classes={self.num_classes}, temperature={self.temperature}"
 
 
+def class_priors(module: nn.Module) -> list[tuple[str, ClassPrior]]:
+    """``(name, prior)`` for every :class:`ClassPrior` inside ``module``."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, ClassPrior)]
+
+
 def class_prior_for(num_classes: int, *losses: nn.Module | None) -> ClassPrior | None:
     """The one :class:`ClassPrior` that ``losses`` read, or ``None`` when none of them uses one.
 

@@ -27,7 +27,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from gkl.io import atomic_torch_save
-from gkl.losses import ClassPrior
+from gkl.losses import class_priors
 
 CONFIG_KEY = "gkl_config"
 ALLOW_CHANGES_KEY = "resume_allow_changes"
@@ -125,10 +125,6 @@ class StepCheckpoint(ModelCheckpoint):
             self._save_at_epoch_end = False
             if not self._should_skip_saving_checkpoint(trainer):
                 self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
-
-
-def class_priors(module: torch.nn.Module) -> list[tuple[str, ClassPrior]]:
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, ClassPrior)]
 
 
 class ResumeStateCallback(pl.Callback):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gkl.losses import ClassPrior
+from gkl.losses import class_priors
 
 
 def _device_count(devices: Any, accelerator: str) -> int | None:
@@ -54,7 +54,7 @@ def exclude_rank_local_buffers(task: nn.Module) -> list[str]:
     :class:`ClassPrior` are per-process partial sums (all-reduced in ``end_epoch``), so they must
     not be synchronised. Returns the excluded buffer names.
     """
-    names = [f"{name}.sums" for name, m in task.named_modules() if isinstance(m, ClassPrior)]
+    names = [f"{name}.sums" for name, _ in class_priors(task)]
     if names:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(task, names)
     return names
