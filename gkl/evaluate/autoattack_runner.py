@@ -178,6 +178,7 @@ def run_autoattack(
     state_path: str | Path | None = None,
     device: str | torch.device | None = None,
     tag: Mapping[str, Any] | None = None,
+    check: bool = True,
 ) -> AutoAttackResult:
     """AutoAttack ``version`` (``attacks`` only with ``version="custom"``) on inputs in [0, 1],
     after :func:`check_protocol` on the first batch.
@@ -187,42 +188,13 @@ def run_autoattack(
     fixed ``seed``). The state is bound to the evaluation (eps, norm, attacks, seed, batch size,
     data) and to the model (:func:`model_fingerprint`, plus ``tag``: e.g. the checkpoint's hash
     and the ``weights`` choice); resuming with anything else is a ``ValueError`` naming the
-    state file. ``device`` defaults to the model's.
+    state file. ``device`` defaults to the model's. ``check=False`` skips the size and protocol
+    checks when the caller has made them on these inputs (:func:`gkl.evaluate.evaluate`).
     """
-    check_sizes(len(x), batch_size)
-    check_protocol(model, x[:batch_size])
-    return autoattack_run(
-        model,
-        x,
-        y,
-        eps=eps,
-        norm=norm,
-        version=version,
-        attacks=attacks,
-        batch_size=batch_size,
-        seed=seed,
-        state_path=state_path,
-        device=device,
-        tag=tag,
-    )
+    if check:
+        check_sizes(len(x), batch_size)
+        check_protocol(model, x[:batch_size])
 
-
-def autoattack_run(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    eps: float,
-    norm: str,
-    version: str,
-    attacks: list[str] | None,
-    batch_size: int,
-    seed: int | None,
-    state_path: str | Path | None,
-    device: str | torch.device | None,
-    tag: Mapping[str, Any] | None,
-) -> AutoAttackResult:
-    """:func:`run_autoattack` without the protocol check (the caller has made it)."""
     eps = budget(eps)
     if version not in VERSIONS:
         raise ValueError(f"unknown AutoAttack version {version!r}; valid: {', '.join(VERSIONS)}")

@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from gkl.attacks.defaults import default_step_size
-from gkl.evaluate.autoattack_runner import autoattack_run
+from gkl.evaluate.autoattack_runner import run_autoattack
 from gkl.evaluate.protocol import (
     budget,
     check_protocol,
@@ -98,7 +98,7 @@ def evaluate(
         batch_size=batch_size,
         seed=seed,
     ) / len(x)
-    autoattack = autoattack_run(
+    autoattack = run_autoattack(
         model,
         x,
         y,
@@ -111,6 +111,7 @@ def evaluate(
         state_path=state_path,
         device=None,
         tag=tag,
+        check=False,  # checked above, once
     )
     return {
         "n_examples": len(x),
