@@ -376,7 +376,7 @@ def test_bad_input_in_estimate_and_reward():
         kl_in_reward(lp[0], lp[0])
     with pytest.raises(ValueError, match=r"logprobs and mask .* \(2, 3\) and \(2, 2\)"):
         kl_in_reward(lp, lp, mask=torch.ones(2, 2))
-    with pytest.raises(ValueError, match=r"loss_mat and mask"):
+    with pytest.raises(ValueError, match=r"loss_mat and loss_mask"):
         agg_loss(lp, torch.ones(1, 3), "token-mean")
     # the value checks look at real tokens only and can be switched off
     masked = torch.tensor([[-1.0, 3.0]])

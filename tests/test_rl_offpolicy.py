@@ -303,10 +303,39 @@ def test_kl_penalty_has_verl_names_values_and_working_plus_suffix():
         torch.testing.assert_close(plus, value, **EXACT)
         (g,) = torch.autograd.grad(plus.sum(), lp)
         torch.testing.assert_close(g, (lp - ref).detach(), **EXACT)  # gradient of k2
-    # padding garbage passes, as in verl (masked afterwards)
-    kl_penalty(torch.tensor([[5.0]]), torch.tensor([[float("nan")]]), "k1")
-    with pytest.raises(ValueError, match=r"kl_penalty must be one of verl's names"):
-        kl_penalty(lp, ref, "full")
+    # NaN / positive log-probs are refused as everywhere in gkl.rl (issue 20), unless the
+    # check is switched off (verl's behaviour: the value passes through)
+    with pytest.raises(ValueError, match=r"ref_logprob has 1 non-finite entries"):
+        kl_penalty(torch.tensor([[-5.0]]), torch.tensor([[float("nan")]]), "k1")
+    with pytest.raises(ValueError, match=r"logprob has 1 entries > 0"):
+        kl_penalty(torch.tensor([[5.0]]), torch.tensor([[-1.0]]), "k1")
+    out = kl_penalty(torch.tensor([[5.0]]), torch.tensor([[float("nan")]]), "k1", check_values=False)
+    assert torch.isnan(out).all()
+    # unknown names: NotImplementedError like verl (and a ValueError)
+    for bad in ("full", "k5", "kl++"):
+        with pytest.raises(NotImplementedError, match=r"kl_penalty must be one of verl's names"):
+            kl_penalty(lp, ref, bad)
+        with pytest.raises(ValueError):
+            kl_penalty(lp, ref, bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kl_penalty_keeps_low_precision_dtype_like_verl(dtype):
+    """verl computes kl_penalty in the inputs' dtype; gkl returns the same dtype and bits."""
+    g = torch.Generator().manual_seed(3)
+    lp = (-torch.rand(3, 5, generator=g) * 4).to(dtype)
+    ref = (-torch.rand(3, 5, generator=g) * 4).to(dtype)
+    for name in ("kl", "abs", "mse", "low_var_kl", "k3", "k3+"):
+        out = kl_penalty(lp, ref, name)
+        assert out.dtype == dtype
+        base = name.rstrip("+")
+        d = ref - lp  # verl's formulas, in the low-precision dtype
+        verl = {
+            "kl": lp - ref, "abs": (lp - ref).abs(), "mse": 0.5 * (lp - ref).square(),
+            "low_var_kl": (d.clamp(-20, 20).exp() - d.clamp(-20, 20) - 1).clamp(-10, 10),
+        }  # fmt: skip
+        verl["k3"] = verl["low_var_kl"]
+        torch.testing.assert_close(out, verl[base], rtol=0, atol=0)
 
 
 def test_bias_corrected_k3_has_the_per_sample_gradient_of_detached_k2():

@@ -18,9 +18,17 @@ How a term is used decides which divergence its expected gradient follows (a ~ p
   Sequences: the prefix of token t was sampled from mu too, so only the cumulative weight
   sg(prod_{s<=t} rho_s) ("cumulative") reproduces the on-policy expected gradient; the
   per-token sg(rho_t) misses the change of the prefix distribution. Dropping rho ("none"),
-  clipping it ("ppo_clip") or truncating it (``is_truncation``) biases it.
+  clipping it ("ppo_clip") or truncating it (``is_truncation``) biases it. With
+  length-normalised aggregation (a per-sequence token mean) 1/|y| depends on later tokens, so
+  only the full-sequence weight sg(prod_s rho_s) ("sequence") is exact.
+* "in reward", sequences (``placement="reward"`` in ``kl_loss``): the coefficient of
+  grad log pi_t is the reward-to-go G_t = sum_{t' >= t} k_t'; with k1 and token-sum aggregation
+  its expected gradient is exactly grad KL(pi(y) || pi_ref(y)). Off-policy each future penalty
+  k_t' carries its own weight W_t' = prod_{s<=t'} rho_s ("cumulative") or every one the
+  full-sequence weight ("sequence"); weighting G_t by W_t is biased.
 
-All functions are pure torch; fp16/bf16 inputs are computed in float32.
+All functions are pure torch; fp16/bf16 inputs are computed in float32 (``kl_penalty``, verl's
+drop-in, keeps the input dtype as verl does).
 """
 
 from __future__ import annotations
@@ -29,7 +37,10 @@ import torch
 
 ESTIMATORS = ("k1", "k2", "k3", "abs", "low_var_kl")
 ESTIMATOR_ALIASES = {"kl": "k1", "mse": "k2"}
-IS_MODES = ("none", "detached", "cumulative", "differentiable", "ppo_clip")
+IS_MODES = ("none", "detached", "cumulative", "sequence", "differentiable", "ppo_clip")
+PLACEMENTS = ("loss", "reward")
+# is_mode values that only weight (detached) and so apply to a penalty in the reward too
+REWARD_IS_MODES = ("none", "detached", "cumulative", "sequence")
 LOSS_AGG_MODES = (
     "token-mean",
     "seq-mean-token-sum",
@@ -44,6 +55,12 @@ EMPTY_ROWS = ("exclude", "include")
 LOGPROB_TOLERANCE = 1e-5
 # verl's names for kl_penalty(); "k3" is verl's clamped low_var_kl, unlike gkl's own "k3".
 VERL_KL_PENALTIES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
+
+
+
+class UnknownKLPenaltyError(NotImplementedError, ValueError):
+    """An unknown ``kl_penalty`` name: NotImplementedError as verl raises, and a ValueError."""
+
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _MAX_LOG_RATIO = 20.0  # verl's clamp on log-ratios before exp()
@@ -136,19 +153,22 @@ def _check_finite_estimate(k: torch.Tensor, valid: torch.Tensor | None, estimato
 
 
 def _valid_mask(
-    mask: torch.Tensor | None, like: torch.Tensor, like_name: str = "logprobs"
+    mask: torch.Tensor | None,
+    like: torch.Tensor,
+    like_name: str = "logprobs",
+    name: str = "mask",
 ) -> torch.Tensor | None:
     """Turn a {0, 1} or bool mask of ``like``'s shape into a bool tensor (True = real token)."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    _check_same_shape("mask", mask, like_name, like)
+        raise ValueError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    _check_same_shape(name, mask, like_name, like)
     if mask.dtype == torch.bool:
         return mask
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(
-            "mask must be bool or contain only 0 and 1 (1 = real token, 0 = padding); "
+            f"{name} must be bool or contain only 0 and 1 (1 = real token, 0 = padding); "
             f"got other values in a {mask.dtype} tensor of shape {tuple(mask.shape)}"
         )
     return mask != 0
@@ -236,29 +256,75 @@ def kl_estimate(
     return k
 
 
-def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str) -> torch.Tensor:
+def kl_penalty(
+    logprob: torch.Tensor,
+    ref_logprob: torch.Tensor,
+    kl_penalty: str,
+    *,
+    check_values: bool = True,
+) -> torch.Tensor:
     """Drop-in for verl's ``core_algos.kl_penalty(logprob, ref_logprob, kl_penalty)``.
 
     verl's names and meanings: ``kl``/``k1`` = logprob - ref_logprob, ``abs``, ``mse``/``k2``,
     ``low_var_kl``/``k3`` = verl's clamped k3 (see ``kl_estimate``), each optionally with the
-    "+" straight-through suffix (value of k, gradient of k2). Unlike verl at v0.6.0-v0.7.0 (where
-    a "+" name reaches ``kl_penalty_forward`` and raises NotImplementedError) the "+" names work.
-    No value checks, as in verl: padded positions may hold anything and are masked afterwards.
-    fp16/bf16 inputs are computed in float32.
+    "+" straight-through suffix (value of k, gradient of k2). Unlike verl at v0.6.0-b178a3c
+    (where a "+" name reaches ``kl_penalty_forward`` and raises NotImplementedError) the "+"
+    names work. An unknown name raises ``UnknownKLPenaltyError`` (a NotImplementedError, as
+    verl raises, and a ValueError). The result has the inputs' dtype and is computed in it, as
+    verl computes it (bf16 stays bf16). ``check_values`` refuses NaN/Inf and log-probs > 0
+    anywhere, as the rest of ``gkl.rl`` does (verl's inputs hold real log-probs at padded
+    positions too); ``check_values=False`` skips the check and its device sync, as verl does.
     """
     if not isinstance(kl_penalty, str):
         raise ValueError(f"kl_penalty must be a string, got {type(kl_penalty).__name__}")
     base = kl_penalty[:-1] if kl_penalty.endswith("+") else kl_penalty
     if base not in VERL_KL_PENALTIES:
         valid = ", ".join(repr(n) for n in VERL_KL_PENALTIES)
-        raise ValueError(
+        raise UnknownKLPenaltyError(
             f"kl_penalty must be one of verl's names {valid}, optionally with a '+' suffix; "
             f"got {kl_penalty!r} (verl's 'full' needs whole-vocabulary log-probs and is not "
             "implemented there either)"
         )
-    name = "low_var_kl" if base == "k3" else base
-    suffix = "+" if kl_penalty.endswith("+") else ""
-    return kl_estimate(logprob, ref_logprob, name + suffix, check_values=False)
+    _check_tensor("logprob", logprob, ndim=None)
+    _check_tensor("ref_logprob", ref_logprob, ndim=None)
+    _check_same_shape("ref_logprob", ref_logprob, "logprob", logprob)
+    if check_values:
+        _check_values("logprob", logprob, None)
+        _check_values("ref_logprob", ref_logprob, None)
+    name = "low_var_kl" if base == "k3" else ESTIMATOR_ALIASES.get(base, base)
+    return _estimate(logprob, ref_logprob, name, kl_penalty.endswith("+"))
+
+
+def _sequence_weights(log_rho: torch.Tensor, is_mode: str) -> torch.Tensor:
+    """Detached importance weights from per-token log-ratios (0 at padding), log clamped to +-20.
+
+    ``detached``: rho_t; ``cumulative``: W_t = prod_{s<=t} rho_s; ``sequence``: the whole
+    sequence's W_|y| on every token.
+    """
+    log_rho = log_rho.detach()
+    if is_mode == "cumulative":
+        log_w = log_rho.cumsum(-1)
+    elif is_mode == "sequence":
+        log_w = log_rho.sum(-1, keepdim=True).expand_as(log_rho)
+    else:
+        log_w = log_rho
+    return torch.exp(log_w.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+
+
+def _check_reward_is_mode(
+    is_mode: str, old_logprobs: torch.Tensor | None, *, need_old: bool = True
+) -> None:
+    if is_mode not in REWARD_IS_MODES:
+        valid = ", ".join(repr(c) for c in REWARD_IS_MODES)
+        raise ValueError(
+            f"is_mode for a KL penalty in the reward must be one of {valid} (a detached weight; "
+            f"a ratio with a gradient belongs to the loss placement); got {is_mode!r}"
+        )
+    if need_old and old_logprobs is None and is_mode != "none":
+        raise ValueError(
+            f"is_mode={is_mode!r} needs old_logprobs (log mu of the policy that sampled the "
+            "tokens); for on-policy data use is_mode='none'"
+        )
 
 
 def kl_in_reward(
@@ -268,37 +334,112 @@ def kl_in_reward(
     estimator: str = "k1",
     mask: torch.Tensor | None = None,
     reward_to_go: bool = False,
+    old_logprobs: torch.Tensor | None = None,
+    is_mode: str = "none",
     log_ratio_clamp: float | None = None,
     check_values: bool = True,
 ) -> torch.Tensor:
-    """Detached per-token KL penalty k_t of shape (batch, T), to subtract (times beta) from rewards.
+    """Detached per-token KL penalty c_t of shape (batch, T), to subtract (times beta) from rewards.
 
-    The policy gradient then carries -beta * sg(k_t) * grad log pi_t. With ``reward_to_go``
-    the penalty is G_t = sum_{t' >= t} k_t' (padding excluded), the coefficient of
-    grad log pi_t that makes k1 give the exact sequence-level grad KL(pi(y) || pi_ref(y));
-    without it the per-token k_t is meant for a return/advantage estimator (GAE, RLOO, ...)
-    that sums rewards itself, and using k_t alone as the coefficient ignores future tokens.
-    Padded positions (mask == 0) are 0. ``log_ratio_clamp`` as in ``kl_estimate``.
+    The policy gradient then carries -beta * c_t * grad log pi_t. On-policy (``is_mode="none"``)
+    c_t = k_t, or with ``reward_to_go`` c_t = G_t = sum_{t' >= t} k_t' (padding excluded): with
+    k1 and the coefficients summed over tokens, E[sum_t G_t grad log pi_t] = grad KL(pi(y) ||
+    pi_ref(y)) exactly. Without reward-to-go, c_t is meant for a return/advantage estimator (GAE,
+    RLOO, ...) that sums rewards itself; c_t alone as the coefficient ignores future tokens.
+    Off-policy (tokens from mu, ``old_logprobs`` = log mu, rho_s = pi_s / mu_s), each penalty
+    k_t' is weighted before the sum: ``cumulative`` by its own W_t' = prod_{s<=t'} rho_s,
+    ``sequence`` by the full-sequence W_|y| (both exact: the on-policy expectation), ``detached``
+    by rho_t of the token whose log-prob it multiplies (PPO's per-token ratio; biased for
+    sequences). Padded positions (mask == 0) are 0. ``log_ratio_clamp`` as in ``kl_estimate``.
     """
     name, _ = _resolve_estimator(estimator)  # the "+" suffix only changes gradients
     _check_log_ratio_clamp(log_ratio_clamp)
+    _check_reward_is_mode(is_mode, old_logprobs)
     _check_tensor("logprobs", logprobs, ndim=2)
     _check_tensor("ref_logprobs", ref_logprobs, ndim=2)
     _check_same_shape("ref_logprobs", ref_logprobs, "logprobs", logprobs)
+    if old_logprobs is not None:
+        _check_tensor("old_logprobs", old_logprobs, ndim=2)
+        _check_same_shape("old_logprobs", old_logprobs, "logprobs", logprobs)
     valid = _valid_mask(mask, logprobs)
     if check_values:
         _check_values("logprobs", logprobs, valid)
         _check_values("ref_logprobs", ref_logprobs, valid)
+        if old_logprobs is not None and is_mode != "none":
+            _check_values("old_logprobs", old_logprobs, valid)
     with torch.no_grad():
         lp = _zero_padding(_upcast(logprobs), valid)
         ref = _zero_padding(_upcast(ref_logprobs), valid)
         penalty = _zero_padding(_estimate_value(lp, ref, name, log_ratio_clamp), valid)
         if check_values:
             _check_finite_estimate(penalty, valid, estimator)
+        weight = None
+        if is_mode != "none":
+            log_rho = lp - _zero_padding(_upcast(old_logprobs), valid)
+            weight = _sequence_weights(log_rho, is_mode)
+        if weight is not None and is_mode != "detached":
+            penalty = weight * penalty  # each penalty k_t' by its own weight
         if reward_to_go:
             penalty = penalty.flip(-1).cumsum(-1).flip(-1)
-            penalty = _zero_padding(penalty, valid)
+        if weight is not None and is_mode == "detached":
+            penalty = weight * penalty  # rho_t on the coefficient of grad log pi_t
+        penalty = _zero_padding(penalty, valid)
     return penalty
+
+
+def check_kl_options(
+    *,
+    estimator: str,
+    is_mode: str,
+    placement: str = "loss",
+    is_truncation: float | None = None,
+    log_ratio_clamp: float | None = None,
+    clip_ratio_low: float = 0.2,
+    clip_ratio_high: float = 0.2,
+) -> None:
+    """Validate a ``kl_loss`` option set without tensors (frameworks call it at construction)."""
+    _resolve_estimator(estimator)
+    _check_choice("placement", placement, PLACEMENTS)
+    _check_choice("is_mode", is_mode, IS_MODES)
+    _check_log_ratio_clamp(log_ratio_clamp)
+    if placement == "reward":
+        _check_reward_is_mode(is_mode, None, need_old=False)
+        if is_truncation is not None:
+            raise ValueError(
+                "is_truncation is not supported with placement='reward' (the weights inside "
+                "the reward-to-go are not capped); drop it or use placement='loss'"
+            )
+    straight_through = isinstance(estimator, str) and estimator.endswith("+")
+    if straight_through and is_mode in ("differentiable", "ppo_clip"):
+        raise ValueError(
+            f"estimator={estimator!r} (straight-through: gradient of k2, already the "
+            f"reverse-KL gradient) cannot be combined with is_mode={is_mode!r}, whose gradient "
+            "through rho adds the score term k * grad log pi a second time (twice the "
+            f"reverse-KL gradient); use is_mode='detached'/'cumulative'/'sequence' with "
+            f"{estimator!r}, or estimator={estimator[:-1]!r} with is_mode={is_mode!r}"
+        )
+    if straight_through and placement == "reward":
+        raise ValueError(
+            f"estimator={estimator!r}: the '+' suffix (straight-through gradient) has no meaning "
+            f"for a penalty in the reward, whose gradient is the score term; use "
+            f"estimator={estimator[:-1]!r}"
+        )
+    if is_truncation is not None:
+        if is_mode not in ("detached", "cumulative", "sequence"):
+            raise ValueError(
+                "is_truncation caps the detached weight of is_mode='detached', 'cumulative' or "
+                f"'sequence'; got is_mode={is_mode!r} (use clip_ratio_low/high with 'ppo_clip')"
+            )
+        if not (isinstance(is_truncation, (int, float)) and is_truncation > 0):
+            raise ValueError(
+                f"is_truncation must be None or a positive number (the cap C), got "
+                f"{is_truncation!r}"
+            )
+    if is_mode == "ppo_clip" and not (0 <= clip_ratio_low < 1 and clip_ratio_high >= 0):
+        raise ValueError(
+            "ppo_clip needs 0 <= clip_ratio_low < 1 and clip_ratio_high >= 0, got "
+            f"clip_ratio_low={clip_ratio_low}, clip_ratio_high={clip_ratio_high}"
+        )
 
 
 def kl_loss_per_token(
@@ -313,95 +454,91 @@ def kl_loss_per_token(
     clip_ratio_low: float = 0.2,
     clip_ratio_high: float = 0.2,
     log_ratio_clamp: float | None = None,
+    placement: str = "loss",
+    reward_to_go: bool = True,
     check_values: bool = True,
 ) -> torch.Tensor:
     """Per-token KL loss L_t of shape (batch, T), 0 at padding, before aggregation.
 
-    With k_t = kl_estimate(logprobs, ref_logprobs, estimator) and, for tokens sampled from a
-    behaviour policy mu, rho_t = exp(logprobs_t - old_logprobs_t) (log-ratio clamped to +-20):
-    ``none``: L = k; ``detached``: L = sg(rho_t) * k; ``cumulative``: L = sg(prod_{s<=t}
-    rho_s) * k (padding skipped; the log of the product clamped to +-20); ``differentiable``:
-    L = rho * k (gradient through rho); ``ppo_clip``: L = max(rho * k, clip(rho,
-    1 - clip_ratio_low, 1 + clip_ratio_high) * k), PPO's pessimistic clip with advantage -k.
-    Exact off-policy expected gradients: ``detached`` for one token (bandits), ``cumulative``
-    for sequences (its weights' variance grows with the length); ``differentiable`` equals
-    ``ppo_clip`` while no ratio is clipped. ``is_truncation`` = C caps the detached or
-    cumulative weight at C (verl's / TRL's truncated IS): lower variance, biased where active.
-    Every mode except ``none`` needs ``old_logprobs`` (on-policy: ``logprobs.detach()``).
-    Straight-through ("+") estimators are refused with a ratio that carries a gradient
-    (``differentiable``, ``ppo_clip``): the score term would be counted twice.
+    ``placement="loss"``: with k_t = kl_estimate(logprobs, ref_logprobs, estimator) and, for
+    tokens sampled from a behaviour policy mu, rho_t = exp(logprobs_t - old_logprobs_t) (log
+    clamped to +-20): ``none``: L = k; ``detached``: L = sg(rho_t) * k; ``cumulative``:
+    L = sg(W_t) * k, W_t = prod_{s<=t} rho_s (padding skipped); ``sequence``: L = sg(W_|y|) * k
+    (the full-sequence ratio on every token); ``differentiable``: L = rho * k (gradient through
+    rho); ``ppo_clip``: L = max(rho * k, clip(rho, 1 - clip_ratio_low, 1 + clip_ratio_high) * k).
+    Off-policy, the on-policy expected gradient is kept exactly by ``detached`` for one token
+    (bandits), by ``cumulative`` for sequences with token-sum aggregation, and by ``sequence``
+    for any per-sequence aggregation including the length-normalised token mean (the largest
+    variance). ``is_truncation`` = C caps the detached weight at C (biased where active).
+
+    ``placement="reward"``: the loss form of the penalty in the reward, L_t = c_t * (log pi_t -
+    sg(log pi_t)) + sg(w_t * k_t), with c_t = ``kl_in_reward(..., reward_to_go, is_mode)``: its
+    gradient is c_t * grad log pi_t (the policy gradient of -c_t as a reward) and its value
+    w_t * k_t (w = 1, rho_t, W_t or W_|y|) sums to an unbiased estimate of KL(pi(y) || pi_ref(y))
+    for k1 with ``cumulative``/``sequence``/``none``. With k1, ``reward_to_go`` and token-sum
+    aggregation the expected gradient is exactly grad KL(pi(y) || pi_ref(y)), on-policy and with
+    ``cumulative`` or ``sequence`` off-policy (docs/rl_kl.md has the full table).
+    Every ``is_mode`` except ``none`` needs ``old_logprobs`` (on-policy: ``logprobs.detach()``).
     """
+    check_kl_options(
+        estimator=estimator,
+        is_mode=is_mode,
+        placement=placement,
+        is_truncation=is_truncation,
+        log_ratio_clamp=log_ratio_clamp,
+        clip_ratio_low=clip_ratio_low,
+        clip_ratio_high=clip_ratio_high,
+    )
     name, straight_through = _resolve_estimator(estimator)
-    _check_choice("is_mode", is_mode, IS_MODES)
-    _check_log_ratio_clamp(log_ratio_clamp)
     _check_tensor("logprobs", logprobs, ndim=2)
     _check_tensor("ref_logprobs", ref_logprobs, ndim=2)
     _check_same_shape("ref_logprobs", ref_logprobs, "logprobs", logprobs)
-    if straight_through and is_mode in ("differentiable", "ppo_clip"):
-        raise ValueError(
-            f"estimator={estimator!r} (straight-through: gradient of k2, already the "
-            f"reverse-KL gradient) cannot be combined with is_mode={is_mode!r}, whose gradient "
-            "through rho adds the score term k * grad log pi a second time (twice the "
-            f"reverse-KL gradient); use is_mode='detached'/'cumulative' with {estimator!r}, or "
-            f"estimator={estimator[:-1]!r} with is_mode={is_mode!r}"
-        )
     if old_logprobs is None and is_mode != "none":
         raise ValueError(
             f"is_mode={is_mode!r} needs old_logprobs (log mu of the policy that sampled the "
             "tokens); for on-policy data pass old_logprobs=logprobs.detach(), or use "
             "is_mode='none'"
         )
-    if is_truncation is not None:
-        if is_mode not in ("detached", "cumulative"):
-            raise ValueError(
-                f"is_truncation caps the detached weight of is_mode='detached' or 'cumulative'; "
-                f"got is_mode={is_mode!r} (use clip_ratio_low/high with 'ppo_clip')"
-            )
-        if not (isinstance(is_truncation, (int, float)) and is_truncation > 0):
-            raise ValueError(
-                f"is_truncation must be None or a positive number (the cap C), got "
-                f"{is_truncation!r}"
-            )
     if old_logprobs is not None:
         _check_tensor("old_logprobs", old_logprobs, ndim=2)
         _check_same_shape("old_logprobs", old_logprobs, "logprobs", logprobs)
-    if is_mode == "ppo_clip" and not (0 <= clip_ratio_low < 1 and clip_ratio_high >= 0):
-        raise ValueError(
-            "ppo_clip needs 0 <= clip_ratio_low < 1 and clip_ratio_high >= 0, got "
-            f"clip_ratio_low={clip_ratio_low}, clip_ratio_high={clip_ratio_high}"
-        )
     valid = _valid_mask(mask, logprobs)
     if check_values:
         _check_values("logprobs", logprobs, valid)
         _check_values("ref_logprobs", ref_logprobs, valid)
-        if old_logprobs is not None:
+        if old_logprobs is not None and is_mode != "none":
             _check_values("old_logprobs", old_logprobs, valid)
 
     lp = _zero_padding(_upcast(logprobs), valid)
-    k = _estimate(
-        lp,
-        _zero_padding(_upcast(ref_logprobs), valid),
-        name,
-        straight_through,
-        log_ratio_clamp,
-    )
+    ref = _zero_padding(_upcast(ref_logprobs), valid)
+    log_rho = None
+    if is_mode != "none":
+        log_rho = lp - _zero_padding(_upcast(old_logprobs), valid)
+    if placement == "reward":
+        coef = kl_in_reward(
+            lp, ref, estimator=name, reward_to_go=reward_to_go, is_mode=is_mode,
+            old_logprobs=None if log_rho is None else lp.detach() - log_rho.detach(),
+            log_ratio_clamp=log_ratio_clamp, check_values=check_values,
+        )  # fmt: skip
+        with torch.no_grad():
+            value = _estimate_value(lp, ref, name, log_ratio_clamp)
+            if log_rho is not None:
+                value = _sequence_weights(log_rho, is_mode) * value
+        return _zero_padding(coef * (lp - lp.detach()) + value, valid)
+
+    k = _estimate(lp, ref, name, straight_through, log_ratio_clamp)
     if check_values:
         _check_finite_estimate(k, valid, estimator)
     if is_mode == "none":
         loss = k
-    else:
-        log_rho = lp - _zero_padding(_upcast(old_logprobs), valid)
-        if is_mode == "cumulative":
-            log_w = log_rho.detach().cumsum(-1).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
-            weight = torch.exp(log_w)
-        else:
-            rho = torch.exp(log_rho.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
-            weight = rho.detach()
+    elif is_mode in ("detached", "cumulative", "sequence"):
+        weight = _sequence_weights(log_rho, is_mode)
         if is_truncation is not None:
             weight = weight.clamp(max=is_truncation)
-        if is_mode in ("detached", "cumulative"):
-            loss = weight * k
-        elif is_mode == "differentiable":
+        loss = weight * k
+    else:
+        rho = torch.exp(log_rho.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+        if is_mode == "differentiable":
             loss = rho * k
         else:
             clipped = rho.clamp(1 - clip_ratio_low, 1 + clip_ratio_high)
@@ -422,13 +559,14 @@ def _check_normaliser(name: str, value: object) -> None:
 
 def agg_loss(
     loss_mat: torch.Tensor,
-    mask: torch.Tensor | None,
+    loss_mask: torch.Tensor | None = None,
     loss_agg_mode: str = "token-mean",
     dp_size: int = 1,
     batch_num_tokens: int | float | torch.Tensor | None = None,
     global_batch_size: int | float | torch.Tensor | None = None,
     loss_scale_factor: int | float | None = None,
     *,
+    mask: torch.Tensor | None = None,
     empty_rows: str = "exclude",
 ) -> torch.Tensor:
     """Aggregate a (batch, T) micro-batch loss into a scalar, with verl's modes and normalisers.
@@ -444,7 +582,17 @@ def agg_loss(
     With the global N / S, the sum over micro-batches (and the data-parallel mean over D ranks)
     equals the loss of the whole batch. ``empty_rows``: whether an all-padding row counts in the
     default S of the seq modes: "exclude" (verl, OpenRLHF) or "include" (TRL ``grpo``).
+    verl's signature: ``agg_loss(loss_mat=..., loss_mask=..., loss_agg_mode=..., dp_size=...,
+    batch_num_tokens=..., global_batch_size=..., loss_scale_factor=...)``, positionally or by
+    keyword; ``mask=`` is accepted for ``loss_mask`` (gkl's earlier name), not both.
     """
+    if mask is not None:
+        if loss_mask is not None:
+            raise ValueError(
+                "agg_loss got both loss_mask and mask (the same argument under verl's and gkl's "
+                "earlier name); pass one of them"
+            )
+        loss_mask = mask
     _check_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
     _check_choice("empty_rows", empty_rows, EMPTY_ROWS)
     if not isinstance(loss_mat, torch.Tensor) or loss_mat.dim() != 2:
@@ -455,7 +603,7 @@ def agg_loss(
     _check_normaliser("batch_num_tokens", batch_num_tokens)
     _check_normaliser("global_batch_size", global_batch_size)
     _check_normaliser("loss_scale_factor", loss_scale_factor)
-    valid = _valid_mask(mask, loss_mat, "loss_mat")
+    valid = _valid_mask(loss_mask, loss_mat, "loss_mat", "loss_mask")
     if valid is None:
         valid = torch.ones_like(loss_mat, dtype=torch.bool)
     loss_mat = _zero_padding(loss_mat, valid)
@@ -503,15 +651,20 @@ def kl_loss(
     global_batch_size: int | float | torch.Tensor | None = None,
     loss_scale_factor: int | float | None = None,
     empty_rows: str = "exclude",
+    placement: str = "loss",
+    reward_to_go: bool = True,
     check_values: bool = True,
 ) -> torch.Tensor:
     """Scalar KL loss ``agg_loss(kl_loss_per_token(...), mask, loss_agg_mode, ...)``; add beta * it.
 
-    On-policy, E[grad k2] = grad KL(pi || pi_ref) (the default), E[grad k3] =
-    grad KL(pi_ref || pi) and E[grad k1] = 0 per token. Off-policy (tokens from mu), the
-    on-policy expected gradient is kept exactly by ``detached`` for one-token samples only and by
-    ``cumulative`` for sequences (``detached`` misses the prefix's change of distribution);
-    ``differentiable`` with k1 or k3 gives grad KL(pi || pi_ref) per token.
+    One token (a bandit), on-policy: E[grad k2] = grad KL(pi || pi_ref), E[grad k3] =
+    grad KL(pi_ref || pi), E[grad k1] = 0. Sequences: as a loss, k2 gives the per-token reverse
+    KL with the prefix distribution frozen and k3 the per-token forward KL with prefixes from pi,
+    neither the sequence KL; ``placement="reward"`` with k1, reward-to-go and token-sum
+    aggregation is exactly grad KL(pi(y) || pi_ref(y)). Off-policy (tokens from mu), the
+    on-policy expected gradient of the same term is kept exactly by ``detached`` for one token,
+    ``cumulative`` for token-sum aggregation and ``sequence`` for any per-sequence aggregation
+    (``seq-mean-token-mean`` with variable lengths included). docs/rl_kl.md has the table.
     """
     _check_choice("loss_agg_mode", loss_agg_mode, LOSS_AGG_MODES)
     _check_choice("empty_rows", empty_rows, EMPTY_ROWS)
@@ -526,6 +679,8 @@ def kl_loss(
         clip_ratio_low=clip_ratio_low,
         clip_ratio_high=clip_ratio_high,
         log_ratio_clamp=log_ratio_clamp,
+        placement=placement,
+        reward_to_go=reward_to_go,
         check_values=check_values,
     )
     return agg_loss(
