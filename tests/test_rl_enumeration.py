@@ -6,8 +6,8 @@ and 3. For every combination the expected gradient of the aggregated gkl loss, E
 L(y)] with q = pi (on-policy) or a behaviour policy mu (off-policy), is an exact float64 sum
 over the 15 responses. It is compared with the gradient of the sequence-level reverse KL,
 grad KL(pi(y) || pi_ref(y)) (autograd of the exact sum), and, off-policy, with the on-policy
-expected gradient of the same term (its "twin"), as ||g - g_twin|| / ||grad KL||. ``pytest -s`` prints the table that
-docs/rl_kl.md shows.
+expected gradient of the same term (its "twin"), as ||g - g_twin|| / ||grad KL||.
+``pytest -s`` prints the table that docs/rl_kl.md shows.
 """
 
 from __future__ import annotations
@@ -113,7 +113,9 @@ def _table():
             rows.append((agg_name, label, "on-policy", "none", _rel(twin, target), None))
             if placement == "loss" and est in ("k1", "k3"):  # rho = 1, gradient through it
                 on_d = _expected_grad(theta, est, placement, agg, "differentiable", False, **kw)
-                rows.append((agg_name, label, "on-policy", "differentiable", _rel(on_d, target), None))  # fmt: skip
+                rows.append(
+                    (agg_name, label, "on-policy", "differentiable", _rel(on_d, target), None)
+                )
             for mode in off_modes:
                 g = _expected_grad(theta, est, placement, agg, mode, True, **kw)
                 ref_twin = on_d if mode == "differentiable" else twin
@@ -145,8 +147,10 @@ def test_toy_has_variable_lengths_and_sums_to_one():
 
 def test_k1_in_reward_with_reward_to_go_is_the_exact_sequence_kl_gradient(table):
     """Token-sum: on-policy, and off-policy with each penalty weighted by its own W_t'
-    (cumulative) or by the full-sequence ratio, the expected gradient is grad KL(pi(y)||pi_ref(y))."""
-    for sampling, mode in (("on-policy", "none"), ("off-policy", "cumulative"), ("off-policy", "sequence")):  # fmt: skip
+    (cumulative) or by the full-sequence ratio: the expected gradient is grad KL(pi(y) ||
+    pi_ref(y))."""
+    exact = (("on-policy", "none"), ("off-policy", "cumulative"), ("off-policy", "sequence"))
+    for sampling, mode in exact:
         assert table["token-sum", "k1 in reward, reward-to-go", sampling, mode][0] <= EXACT
     # PPO's per-token ratio on the reward-to-go, no weight, or length normalisation: not exact
     assert table["token-sum", "k1 in reward, reward-to-go", "off-policy", "detached"][0] > 1e-3

@@ -57,7 +57,6 @@ LOGPROB_TOLERANCE = 1e-5
 VERL_KL_PENALTIES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 
 
-
 class UnknownKLPenaltyError(NotImplementedError, ValueError):
     """An unknown ``kl_penalty`` name: NotImplementedError as verl raises, and a ValueError."""
 
@@ -577,11 +576,13 @@ def agg_loss(
     ``token-mean``: D * sum m L / N (TRL ``bnpo``/``dapo``, OpenRLHF);
     ``seq-mean-token-sum``: D * sum_b (sum_t m L) / S;
     ``seq-mean-token-mean``: D * sum_b (sum_t m L / sum_t m) / S (TRL ``grpo``);
-    ``seq-mean-token-sum-norm``: D * sum m L / L (verl; verl omits D, see docs/rl_kl.md);
+    ``seq-mean-token-sum-norm``: sum m L / L (verl b178a3c: no D, so the data-parallel mean is
+    1/D of the full batch; verl 0.9.1 changed it to D * sum m L / (S * L));
     ``token-sum``: D * sum m L; ``dr_grpo``: D * sum m L / (S * L) (TRL, S counts every row).
-    With the global N / S, the sum over micro-batches (and the data-parallel mean over D ranks)
-    equals the loss of the whole batch. ``empty_rows``: whether an all-padding row counts in the
-    default S of the seq modes: "exclude" (verl, OpenRLHF) or "include" (TRL ``grpo``).
+    With the global N / S, the sum over micro-batches (and, except seq-mean-token-sum-norm, the
+    data-parallel mean over D ranks) equals the loss of the whole batch. ``empty_rows``: whether
+    an all-padding row counts in the default S of the seq modes: "exclude" (verl, OpenRLHF) or
+    "include" (TRL ``grpo``).
     verl's signature: ``agg_loss(loss_mat=..., loss_mask=..., loss_agg_mode=..., dp_size=...,
     batch_num_tokens=..., global_batch_size=..., loss_scale_factor=...)``, positionally or by
     keyword; ``mask=`` is accepted for ``loss_mask`` (gkl's earlier name), not both.
@@ -625,7 +626,7 @@ def agg_loss(
     elif loss_agg_mode == "seq-mean-token-mean":
         loss = (loss_mat.sum(-1) / row_counts.clamp(min=1)).sum() / num_seqs
     elif loss_agg_mode == "seq-mean-token-sum-norm":
-        loss = loss_mat.sum() / scale
+        return loss_mat.sum() / scale  # verl (b178a3c) applies no dp_size here
     elif loss_agg_mode == "token-sum":
         loss = loss_mat.sum()
     else:  # dr_grpo
