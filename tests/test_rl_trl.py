@@ -4,6 +4,8 @@ The model is built from a GPT2Config (no downloaded weights) and saved to a temp
 the tokenizer is an in-memory word-level one. Skipped unless trl and transformers import.
 """
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,11 +45,12 @@ def tiny_gpt2(tmp_path_factory):
 def _trainer(tiny_gpt2, tmp_path, cls=GKLGRPOTrainer, **kwargs):
     path, tokenizer = tiny_gpt2
     gkl_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("kl_")}
-    args = trl.GRPOConfig(
-        output_dir=str(tmp_path), beta=BETA, per_device_train_batch_size=4, num_generations=2,
-        max_completion_length=5, report_to="none", use_cpu=True, max_steps=1, bf16=False,
-        save_strategy="no", logging_steps=1, **kwargs,
-    )  # fmt: skip
+    config = {
+        "output_dir": str(tmp_path), "beta": BETA, "per_device_train_batch_size": 4,
+        "num_generations": 2, "max_completion_length": 5, "report_to": "none", "use_cpu": True,
+        "max_steps": 1, "bf16": False, "save_strategy": "no", "logging_steps": 1,
+    }  # fmt: skip
+    args = trl.GRPOConfig(**{**config, **kwargs})
     ds = datasets.Dataset.from_dict({"prompt": ["a b", "c d", "b a", "d c"]})
     return cls(
         model=path,
@@ -112,17 +115,26 @@ def test_gkl_k3_reproduces_trl_own_kl_term(tiny_gpt2, tmp_path, loss_type):
     for bias_correction, is_mode in ((False, "none"), (True, "differentiable")):
         trainer = _trainer(
             tiny_gpt2, tmp_path, loss_type=loss_type, use_bias_correction_kl=bias_correction,
-            kl_estimator="k3", kl_is_mode=is_mode,
+            kl_placement="loss", kl_estimator="k3", kl_is_mode=is_mode,
         )  # fmt: skip
+        assert trainer.kl_is_trl_term
         inputs = _inputs(trainer.model)
         _assert_same(_loss_and_grads(trainer, inputs), _loss_and_grads(trainer, inputs, True))
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
-def test_swapped_kl_term_is_what_gkl_computes(tiny_gpt2, tmp_path, loss_type):
-    trainer = _trainer(
-        tiny_gpt2, tmp_path, loss_type=loss_type, kl_estimator="k2", kl_is_mode="cumulative"
-    )
+@pytest.mark.parametrize(
+    ("loss_type", "placement", "estimator"),
+    [("grpo", "loss", "k2"), ("dr_grpo", "loss", "k2"), ("dapo", "reward", "k1"),
+     ("luspo", "reward", "k1")],
+)  # fmt: skip
+def test_swapped_kl_term_is_what_gkl_computes(tiny_gpt2, tmp_path, loss_type, placement, estimator):
+    extra = {"importance_sampling_level": "sequence"} if loss_type == "luspo" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the "replaces TRL's KL term" notice
+        trainer = _trainer(
+            tiny_gpt2, tmp_path, loss_type=loss_type, kl_placement=placement,
+            kl_estimator=estimator, kl_is_mode="cumulative", **extra,
+        )  # fmt: skip
     inputs = _inputs(trainer.model)
     swapped = _loss_and_grads(trainer, inputs)
     trainer.beta = 0.0
@@ -136,10 +148,12 @@ def test_swapped_kl_term_is_what_gkl_computes(tiny_gpt2, tmp_path, loss_type):
         "grpo": {"loss_agg_mode": "seq-mean-token-mean", "empty_rows": "include"},
         "dr_grpo": {"loss_agg_mode": "dr_grpo", "loss_scale_factor": 5},  # max_completion_length
         "dapo": {"loss_agg_mode": "token-mean", "batch_num_tokens": m.sum().float()},
+        "luspo": {"loss_agg_mode": "seq-mean-token-sum", "empty_rows": "include"},
     }[loss_type]
     term = kl_loss(
-        logps, inputs["ref_per_token_logps"], estimator="k2", mask=m,
-        old_logprobs=inputs["old_per_token_logps"], is_mode="cumulative", **agg,
+        logps, inputs["ref_per_token_logps"], estimator=estimator, mask=m,
+        old_logprobs=inputs["old_per_token_logps"], is_mode="cumulative", placement=placement,
+        **agg,
     )  # fmt: skip
     term.backward()
     term_grads = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
@@ -151,18 +165,93 @@ def test_swapped_kl_term_is_what_gkl_computes(tiny_gpt2, tmp_path, loss_type):
     assert (BETA * term).abs() > 1e-3  # the KL term is not negligible in this comparison
 
 
-def test_one_training_step_runs_and_logs_the_kl(tiny_gpt2, tmp_path):
-    trainer = _trainer(tiny_gpt2, tmp_path, loss_type="grpo", kl_estimator="k2")
+def test_k1_in_reward_trains_three_steps_in_training_mode(tiny_gpt2, tmp_path):
+    """The default term (k1 in the reward, reward-to-go, cumulative weights) through TRL's real
+    train(): three optimiser steps, the KL term computed with the model in training mode, the
+    parameters moved, and the logged metrics named for what they hold."""
+    seen = []
+
+    class Recording(GKLGRPOTrainer):
+        def gkl_kl_term(self, per_token_logps, inputs):
+            term = super().gkl_kl_term(per_token_logps, inputs)
+            seen.append((self.model.training, term.detach()))
+            return term
+
+    with pytest.warns(UserWarning, match=r"replaces TRL's KL term beta \* k3 as a loss"):
+        trainer = _trainer(
+            tiny_gpt2, tmp_path, cls=Recording, loss_type="dapo", max_steps=3, num_iterations=2,
+            learning_rate=1e-2,
+        )  # fmt: skip
+    assert (trainer.kl_placement, trainer.kl_estimator, trainer.kl_is_mode) == (
+        "reward", "k1", "cumulative"
+    )  # fmt: skip
+    before = [p.detach().clone() for p in trainer.model.parameters()]
     out = trainer.train()
+    assert trainer.state.global_step == 3
     assert torch.isfinite(torch.tensor(out.training_loss))
-    assert any("kl" in entry for entry in trainer.state.log_history)
+    assert len(seen) >= 3 and all(training for training, _ in seen)
+    assert all(torch.isfinite(term) for _, term in seen)
+    after = list(trainer.model.parameters())
+    assert any(not torch.equal(p.detach(), q) for p, q in zip(after, before, strict=True))
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    assert {"gkl/kl_term", "gkl/k1_token_mean", "gkl/seq_k1_mean"} <= logged
+    assert "kl" not in logged  # TRL's name is kept for TRL's own term only
 
 
-def test_bad_options_raise(tiny_gpt2, tmp_path):
-    with pytest.raises(ValueError, match=r"kl_is_mode must be one of"):
-        _trainer(tiny_gpt2, tmp_path, kl_is_mode="per-token")
-    with pytest.raises(ValueError, match=r"estimator must be one of"):
-        _trainer(tiny_gpt2, tmp_path, kl_estimator="k5")
+def test_trl_defaults_are_trl_and_a_changed_term_is_announced(tiny_gpt2, tmp_path):
+    """beta = 0 (TRL's default): no KL term, the loss is TRL's and nothing is announced. With
+    beta > 0, gkl's default term is announced at construction; TRL's own term is not."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        trainer = _trainer(tiny_gpt2, tmp_path, beta=0.0)
+        inputs = _inputs(trainer.model)
+        _assert_same(_loss_and_grads(trainer, inputs), _loss_and_grads(trainer, inputs, True))
+        trl_term = _trainer(
+            tiny_gpt2, tmp_path, kl_placement="loss", kl_estimator="k3"
+        )  # use_bias_correction_kl=True (TRL's default) -> rho * k3
+    assert trl_term.kl_is_mode == "differentiable" and trl_term.kl_is_trl_term
+    with pytest.warns(UserWarning, match=r"use_bias_correction_kl=False.*To keep TRL's term"):
+        changed = _trainer(tiny_gpt2, tmp_path, use_bias_correction_kl=False)
+    assert not changed.kl_is_trl_term
+
+
+def test_nan_sampling_logprobs_fall_back_like_trl(tiny_gpt2, tmp_path):
+    """vLLM may return NaN sampling log-probs; TRL zeroes their log-ratio (nan_to_num), so the
+    token's behaviour log-prob becomes TRL's old log-prob. gkl's term does the same."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        trainer = _trainer(tiny_gpt2, tmp_path)
+    inputs = _inputs(trainer.model)
+    sampling = inputs["old_per_token_logps"] - 0.2
+    sampling[0, 1] = sampling[2, 0] = float("nan")
+    filled = sampling.clone()
+    old = inputs["old_per_token_logps"]
+    filled[0, 1], filled[2, 0] = old[0, 1], old[2, 0]
+    with_nan = _loss_and_grads(trainer, {**inputs, "sampling_per_token_logps": sampling})
+    assert torch.isfinite(with_nan[0])
+    _assert_same(with_nan, _loss_and_grads(trainer, {**inputs, "sampling_per_token_logps": filled}))
+
+
+def test_bad_options_raise_before_the_model_loads(tiny_gpt2, tmp_path):
+    missing = tmp_path / "no_model_here"  # never reached: the options are checked first
+    cases = [
+        ({"kl_is_mode": "per-token"}, r"is_mode must be one of"),
+        ({"kl_estimator": "k5"}, r"estimator must be one of"),
+        ({"kl_placement": "advantage"}, r"placement must be one of"),
+        ({"kl_placement": "loss", "kl_estimator": "k3+", "kl_is_mode": "differentiable"},
+         r"cannot be combined with is_mode='differentiable'"),
+        ({"kl_is_mode": "differentiable"}, r"KL penalty in the reward must be one of"),
+        ({"kl_is_truncation": -1.0, "kl_placement": "loss", "kl_is_mode": "cumulative"},
+         r"is_truncation must be None or a positive number"),
+        ({"kl_reward_to_go": "yes"}, r"kl_reward_to_go must be True or False"),
+        ({"kl_placement": "loss", "kl_estimator": "k3", "importance_sampling_level": "sequence"},
+         r"geometric mean"),
+        ({"loss_type": "unknown_loss"}, r"loss_type"),
+    ]  # fmt: skip
+    path, tokenizer = tiny_gpt2
+    for kwargs, pattern in cases:
+        with pytest.raises(ValueError, match=pattern):
+            _trainer((str(missing), tokenizer), tmp_path, **kwargs)
 
 
 def test_transformer_demo_cumulative_run_follows_the_on_policy_run(monkeypatch):
