@@ -30,6 +30,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
+from gkl.io import atomic_open
 from gkl.rl import kl_in_reward, kl_loss_per_token
 
 D = torch.float64
@@ -224,6 +225,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600, help="Adam steps per run")
     parser.add_argument("--figure", type=Path, default=DEFAULT_FIGURE, help="PNG output path")
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1 (Adam steps per run), got {args.steps}")
     torch.set_num_threads(1)  # tiny tensors: threads only add overhead
 
     bandit, sequences = Bandit(), ToySequences()
@@ -260,7 +263,8 @@ def main() -> None:
         for ax in axes[row]:
             ax.set_xlabel("step")
     args.figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.figure, dpi=110)
+    with atomic_open(args.figure, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110)
     print(f"\nfigure: {args.figure}")
 
 

@@ -1,25 +1,23 @@
 """KL regularisation on a real transformer policy: a tiny random GPT-2 over enumerable sequences.
 
 The policy is a randomly initialised GPT-2 (``transformers.GPT2Config``, no downloaded weights)
-that writes a response of ``--length`` tokens from a vocabulary of ``--vocab`` tokens after a
-single BOS prompt; pi_ref is its frozen initial copy. All V**T responses are scored in one
-forward pass, so every expectation below is an exact sum (float64, no sampling noise) and the
-metrics are exact: KL(pi || pi_ref) and the distance KL(pi || pi*) to the optimum
-pi*(y) ∝ pi_ref(y) exp(r(y) / beta) of J(pi) = E_pi[r] - beta * KL(pi || pi_ref), for a fixed
-synthetic reward r(y) ~ N(0, 1) per sequence.
+that writes a response after a single BOS prompt over a vocabulary of ``--vocab`` tokens, token
+0 being EOS: a response ends at EOS or after ``--length`` tokens, so lengths vary (1 to T).
+pi_ref is its frozen initial copy. All responses are scored in one forward pass, so every
+expectation below is an exact sum (float64, no sampling noise) and the metrics are exact:
+KL(pi || pi_ref) and the distance KL(pi || pi*) to the optimum pi*(y) ∝ pi_ref(y) exp(r(y) / beta)
+of J(pi) = E_pi[r] - beta * KL(pi || pi_ref), for a fixed synthetic reward r(y) ~ N(0, 1).
 
 Each Adam step is a GRPO-style update in expectation: the reward term is the policy gradient
 with a mean baseline, -E_pi[(r - E_pi r) * sum_t log pi_t] (Dr. GRPO's advantage, no std
-scaling), identical in every run; the KL term is one gkl.rl implementation:
+scaling), identical in every run; the KL term is one gkl.rl ``kl_loss_per_token`` setting,
+aggregated per sequence by its token sum or its token mean (GRPO's ``seq-mean-token-mean``):
 
-  on-policy    k1 in reward (reward-to-go), k2 as loss, k3 as loss (GRPO's default);
+  on-policy    k1 in the reward with reward-to-go (token sum: the exact sequence KL gradient;
+               token mean), k2 as loss (token sum), k3 as loss (token mean: GRPO's default);
   off-policy   the KL term's tokens come from a stale rollout policy mu (pi as it was at the
-               last refresh, every ``--lag`` steps), weighted by is_mode none / detached /
-               cumulative / differentiable (TRL's use_bias_correction_kl) / cumulative with
-               truncation 2.
-
-As-loss terms are summed over the T tokens (loss_agg_mode="seq-mean-token-sum"); with fixed
-length T, GRPO's seq-mean-token-mean is the same term times 1/T.
+               last refresh, every ``--lag`` steps), weighted by is_mode cumulative / sequence /
+               detached (PPO's per-token ratio) / differentiable (TRL's use_bias_correction_kl).
 
 Run:  .venv/bin/python scripts/transformer_kl_demo.py  # --vocab 3 --length 4 --steps 300 --lag 25
 """
@@ -42,10 +40,12 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from gkl.io import atomic_open  # noqa: E402
-from gkl.rl import kl_in_reward, kl_loss_per_token  # noqa: E402
+from gkl.rl import agg_loss, kl_loss_per_token  # noqa: E402
 
 D = torch.float64
 BETA = 1.0
+EOS = 0
+AGGREGATION = {"token sum": "seq-mean-token-sum", "token mean": "seq-mean-token-mean"}
 DEFAULT_FIGURE = (
     Path(__file__).resolve().parents[1] / "docs" / "figures" / "transformer_kl_demo.png"
 )
@@ -59,23 +59,33 @@ class Method:
     label: str
     place: str  # "reward" or "loss"
     estimator: str
+    aggregation: str = "token sum"
     is_mode: str = "none"
     off_policy: bool = False
-    is_truncation: float | None = None
     twin: str | None = None  # the on-policy run whose expected gradient it should reproduce
 
 
+K1R, K1R_MEAN, K2, K3 = (
+    "k1 in reward, reward-to-go",
+    "k1 in reward, reward-to-go, token mean",
+    "k2 as loss",
+    "k3 as loss, token mean (GRPO)",
+)
 METHODS = [
-    Method("k1 in reward (reward-to-go)", "reward", "k1"),
-    Method("k2 as loss", "loss", "k2"),
-    Method("k3 as loss (GRPO)", "loss", "k3"),
-    Method("k2, IS none", "loss", "k2", "none", True, twin="k2 as loss"),
-    Method("k2, IS detached", "loss", "k2", "detached", True, twin="k2 as loss"),
-    Method("k2, IS cumulative", "loss", "k2", "cumulative", True, twin="k2 as loss"),
-    Method("k2, IS cumulative, cap 2", "loss", "k2", "cumulative", True, 2.0, "k2 as loss"),
-    # rho * k3 with the gradient through rho has sg(rho) * k2's per-sample gradient
-    Method("k3, IS differentiable (TRL)", "loss", "k3", "differentiable", True, twin="k2 as loss"),
-    Method("k3, IS cumulative", "loss", "k3", "cumulative", True, twin="k3 as loss (GRPO)"),
+    Method(K1R, "reward", "k1"),
+    Method(K1R_MEAN, "reward", "k1", "token mean"),
+    Method(K2, "loss", "k2"),
+    Method(K3, "loss", "k3", "token mean"),
+    Method("k1 in reward, IS cumulative", "reward", "k1", "token sum", "cumulative", True, K1R),
+    Method("k1 in reward, IS sequence", "reward", "k1", "token sum", "sequence", True, K1R),
+    Method("k1 in reward, IS detached (PPO)", "reward", "k1", "token sum", "detached", True, K1R),
+    Method("k2, IS detached", "loss", "k2", "token sum", "detached", True, K2),
+    Method("k2, IS cumulative", "loss", "k2", "token sum", "cumulative", True, K2),
+    Method("k3 token mean, IS cumulative", "loss", "k3", "token mean", "cumulative", True, K3),
+    Method("k3 token mean, IS sequence", "loss", "k3", "token mean", "sequence", True, K3),
+    Method(
+        "k3 token mean, IS differentiable (TRL)", "loss", "k3", "token mean", "differentiable", True
+    ),
 ]
 
 
@@ -91,11 +101,21 @@ class History:
 
 
 class Enumerated:
-    """Every response y in V**T with its per-token log-probs under a GPT-2 policy."""
+    """Every response y (EOS-terminated or of length T) with its per-token log-probs."""
 
     def __init__(self, vocab: int, length: int, seed: int):
         self.vocab, self.length = vocab, length
-        seqs = torch.tensor(list(itertools.product(range(vocab), repeat=length)))
+        responses = [
+            y
+            for n in range(1, length + 1)
+            for y in itertools.product(range(vocab), repeat=n)
+            if EOS not in y[:-1] and (y[-1] == EOS or n == length)
+        ]
+        seqs = torch.full((len(responses), length), EOS)
+        self.mask = torch.zeros(len(responses), length, dtype=torch.bool)
+        for i, y in enumerate(responses):
+            seqs[i, : len(y)] = torch.tensor(y)
+            self.mask[i, : len(y)] = True
         bos = torch.full((len(seqs), 1), vocab)  # the prompt: one BOS token (id V)
         self.input_ids = torch.cat([bos, seqs], 1)
         self.seqs = seqs
@@ -103,9 +123,10 @@ class Enumerated:
         self.reward = torch.randn(len(seqs), generator=g, dtype=D)
 
     def token_logp(self, model: GPT2LMHeadModel) -> torch.Tensor:
-        """(V**T, T) log pi(y_t | BOS, y_<t), the BOS logit excluded from the softmax."""
+        """(responses, T) log pi(y_t | BOS, y_<t), 0 after the response's end."""
         logits = model(input_ids=self.input_ids).logits[:, :-1, : self.vocab]
-        return F.log_softmax(logits, -1).gather(-1, self.seqs[..., None])[..., 0]
+        lp = F.log_softmax(logits, -1).gather(-1, self.seqs[..., None])[..., 0]
+        return torch.where(self.mask, lp, torch.zeros_like(lp))
 
 
 def build_policy(vocab: int, length: int, seed: int) -> GPT2LMHeadModel:
@@ -118,19 +139,19 @@ def build_policy(vocab: int, length: int, seed: int) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg).to(D)
 
 
-def kl_term(method: Method, lp: torch.Tensor, ref: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """Expected KL surrogate sum_y w(y) * term(y), w = pi (on-policy) or mu (stale rollouts)."""
+def kl_term(
+    method: Method, problem: Enumerated, lp: torch.Tensor, ref: torch.Tensor, mu: torch.Tensor
+) -> torch.Tensor:
+    """Expected KL surrogate sum_y w(y) * agg_t L_t(y), w = pi (on-policy) or mu (stale)."""
     sampler = mu if method.off_policy else lp.detach()
     weights = sampler.sum(-1).exp()
-    if method.place == "reward":
-        coef = kl_in_reward(lp, ref, estimator=method.estimator, reward_to_go=True)
-        return (weights[:, None] * coef * lp).sum()
     per_token = kl_loss_per_token(
-        lp, ref, estimator=method.estimator, is_mode=method.is_mode,
-        old_logprobs=sampler if method.is_mode != "none" else None,
-        is_truncation=method.is_truncation,
+        lp, ref, estimator=method.estimator, mask=problem.mask, placement=method.place,
+        is_mode=method.is_mode, old_logprobs=sampler if method.is_mode != "none" else None,
     )  # fmt: skip
-    return (weights[:, None] * per_token).sum()
+    # seq-mean over the N responses: row weight N * w(y) turns it into sum_y w(y) L(y)
+    weighted = per_token * (len(weights) * weights)[:, None]
+    return agg_loss(weighted, problem.mask, AGGREGATION[method.aggregation])
 
 
 def run(problem: Enumerated, method: Method, args: argparse.Namespace) -> History:
@@ -157,7 +178,7 @@ def run(problem: Enumerated, method: Method, args: argparse.Namespace) -> Histor
         p = seq_lp.detach().exp()
         advantage = problem.reward - (p * problem.reward).sum()
         pg = -(p * advantage * seq_lp).sum()
-        loss = pg + BETA * kl_term(method, lp, ref, mu)
+        loss = pg + BETA * kl_term(method, problem, lp, ref, mu)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -171,7 +192,7 @@ def _small(x: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=3, help="response vocabulary V")
-    parser.add_argument("--length", type=int, default=4, help="response length T (V**T sequences)")
+    parser.add_argument("--length", type=int, default=4, help="maximum response length T")
     parser.add_argument("--steps", type=int, default=300, help="Adam steps per run")
     parser.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate")
     parser.add_argument("--lag", type=int, default=25, help="steps between rollout refreshes")
@@ -179,7 +200,7 @@ def main() -> None:
     parser.add_argument("--figure", type=Path, default=DEFAULT_FIGURE, help="PNG output path")
     args = parser.parse_args()
     if args.vocab < 2 or args.length < 1 or args.vocab**args.length > 20000:
-        parser.error("need vocab >= 2, length >= 1 and vocab**length <= 20000 sequences")
+        parser.error("need --vocab >= 2 (token 0 is EOS), --length >= 1, vocab**length <= 20000")
     if args.steps < 1 or args.lag < 1:
         parser.error("--steps and --lag must be >= 1")
     torch.set_num_threads(1)
@@ -193,8 +214,9 @@ def main() -> None:
         (torch.softmax(log_opt, 0) * (torch.log_softmax(log_opt, 0) - ref_seq)).sum().item()
     )
     print(
-        f"tiny random GPT-2 (2 layers, width 32), {args.vocab}**{args.length} = "
-        f"{len(problem.seqs)} sequences, beta {BETA}, {args.steps} Adam steps (lr {args.lr}), "
+        f"tiny random GPT-2 (2 layers, width 32), vocabulary {args.vocab} with EOS, length <= "
+        f"{args.length}: {len(problem.seqs)} responses, beta {BETA}, {args.steps} Adam steps "
+        f"(lr {args.lr}), "
         f"rollouts refreshed every {args.lag} steps for the off-policy runs\n"
     )
     print("| setting | implementation | KL(π‖π_ref) | KL(π‖π*) | KL(π‖π_twin) |")
@@ -217,7 +239,7 @@ def main() -> None:
             f"| {setting} | {method.label} | {hist.kl_ref[-1]:.4f} | "
             f"{_small(hist.kl_opt[-1])} | {twin} |"
         )
-        ls = "--" if method.is_mode == "cumulative" else "-"
+        ls = "--" if method.is_mode in ("cumulative", "sequence") else "-"
         if method.off_policy:
             axes[1, 0].plot(hist.kl_ref, ls=ls, label=method.label)
             if method.twin is not None:

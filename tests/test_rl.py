@@ -391,3 +391,21 @@ def test_every_estimator_is_accepted_everywhere():
         assert kl_estimate(lp, ref, est).shape == (1, 2)
         assert kl_in_reward(lp, ref, estimator=est).shape == (1, 2)
         assert kl_loss(lp, ref, estimator=est).dim() == 0
+
+
+@pytest.mark.parametrize("steps", ["-5", "0"])
+def test_policy_kl_demo_refuses_a_non_positive_step_count(steps, monkeypatch, capsys):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "policy_kl_demo.py"
+    spec = importlib.util.spec_from_file_location("policy_kl_demo", path)
+    demo = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "policy_kl_demo", demo)  # dataclasses look it up
+    spec.loader.exec_module(demo)
+    monkeypatch.setattr(sys, "argv", ["policy_kl_demo.py", "--steps", steps])
+    with pytest.raises(SystemExit) as exc:
+        demo.main()
+    assert exc.value.code == 2
+    assert f"--steps must be >= 1 (Adam steps per run), got {steps}" in capsys.readouterr().err

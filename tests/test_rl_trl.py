@@ -254,9 +254,11 @@ def test_bad_options_raise_before_the_model_loads(tiny_gpt2, tmp_path):
             _trainer((str(missing), tokenizer), tmp_path, **kwargs)
 
 
-def test_transformer_demo_cumulative_run_follows_the_on_policy_run(monkeypatch):
-    """scripts/transformer_kl_demo.py: with stale rollouts, cumulative IS reproduces the
-    on-policy trajectory of k2-as-loss step for step; detached IS drifts away from it."""
+def test_transformer_demo_exact_corrections_follow_their_on_policy_runs(monkeypatch):
+    """scripts/transformer_kl_demo.py (variable lengths with EOS): with stale rollouts, the
+    cumulative weights reproduce the on-policy trajectory for token-sum terms (k1 in the reward,
+    k2 as loss) step for step, the full-sequence ratio does for GRPO's token mean, and the
+    cumulative weights do not for the token mean."""
     import argparse
     import importlib.util
     import sys
@@ -267,13 +269,19 @@ def test_transformer_demo_cumulative_run_follows_the_on_policy_run(monkeypatch):
     demo = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "transformer_kl_demo", demo)  # dataclasses look it up
     spec.loader.exec_module(demo)
-    problem = demo.Enumerated(vocab=2, length=3, seed=0)
-    args = argparse.Namespace(steps=12, lr=2e-2, lag=4, seed=0)
+    problem = demo.Enumerated(vocab=3, length=3, seed=0)
+    assert len(problem.seqs) == 15 and set(problem.mask.sum(-1).tolist()) == {1, 2, 3}
+    args = argparse.Namespace(steps=10, lr=2e-2, lag=4, seed=0)
     by_label = {m.label: m for m in demo.METHODS}
-    final = {
-        label: demo.run(problem, by_label[label], args).final_logp
-        for label in ("k2 as loss", "k2, IS cumulative", "k2, IS detached")
-    }
-    assert torch.exp(final["k2 as loss"]).sum().item() == pytest.approx(1.0, abs=1e-12)
-    torch.testing.assert_close(final["k2, IS cumulative"], final["k2 as loss"], rtol=0, atol=1e-9)
-    assert (final["k2, IS detached"] - final["k2 as loss"]).abs().max() > 1e-6
+    labels = (
+        demo.K1R, "k1 in reward, IS cumulative", demo.K2, "k2, IS cumulative", demo.K3,
+        "k3 token mean, IS sequence", "k3 token mean, IS cumulative",
+    )  # fmt: skip
+    final = {label: demo.run(problem, by_label[label], args).final_logp for label in labels}
+    assert torch.exp(final[demo.K1R]).sum().item() == pytest.approx(1.0, abs=1e-12)
+    for exact, twin in (
+        ("k1 in reward, IS cumulative", demo.K1R), ("k2, IS cumulative", demo.K2),
+        ("k3 token mean, IS sequence", demo.K3),
+    ):  # fmt: skip
+        torch.testing.assert_close(final[exact], final[twin], rtol=0, atol=1e-9)
+    assert (final["k3 token mean, IS cumulative"] - final[demo.K3]).abs().max() > 1e-6
