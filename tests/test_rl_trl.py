@@ -119,6 +119,8 @@ def test_gkl_k3_reproduces_trl_own_kl_term(tiny_gpt2, tmp_path, loss_type):
         )  # fmt: skip
         assert trainer.kl_is_trl_term
         inputs = _inputs(trainer.model)
+        # vLLM's sampling log-probs do not enter TRL's KL ratio (old log-probs do)
+        inputs["sampling_per_token_logps"] = inputs["old_per_token_logps"] - 0.1
         _assert_same(_loss_and_grads(trainer, inputs), _loss_and_grads(trainer, inputs, True))
 
 

@@ -65,7 +65,8 @@ class GKLGRPOTrainer(GRPOTrainer):
     ``args.use_bias_correction_kl`` else ``"none"``. The behaviour policy mu is vLLM's sampling
     log-probs when TRL has them (a NaN one, which vLLM can return, falls back to TRL's old
     log-prob as TRL's ``nan_to_num`` does), else TRL's ``old_per_token_logps``, else (on-policy)
-    the current log-probs detached. ``args.beta`` is the coefficient. Every option is checked
+    the current log-probs detached (TRL's own term keeps TRL's ratio against the old
+    log-probs). ``args.beta`` is the coefficient. Every option is checked
     here, before the model loads. ``args.importance_sampling_level="sequence"`` changes TRL's
     policy term only; TRL's sequence-level bias-corrected KL (k3 times the geometric mean of the
     ratios) is refused: gkl's ``kl_is_mode="sequence"`` is the exact full-sequence ratio.
@@ -175,7 +176,7 @@ class GKLGRPOTrainer(GRPOTrainer):
         if fallback is None:
             fallback = per_token_logps.detach()
         sampling = inputs.get("sampling_per_token_logps")
-        if sampling is None:
+        if sampling is None or self.kl_is_trl_term:  # TRL's bias correction uses old, not vLLM's
             return fallback
         return torch.where(torch.isnan(sampling), fallback, sampling)
 
