@@ -60,10 +60,10 @@ class GKLGRPOTrainer(GRPOTrainer):
     ``kl_placement`` / ``kl_estimator`` / ``kl_is_mode`` / ``kl_reward_to_go`` /
     ``kl_is_truncation`` / ``kl_log_ratio_clamp`` are ``kl_loss``'s ``placement`` /
     ``estimator`` / ``is_mode`` / ``reward_to_go`` / ``is_truncation`` / ``log_ratio_clamp``.
-    ``kl_is_mode=None`` picks ``"cumulative"`` for the reward placement and, for the loss
-    placement, TRL's choice: ``"differentiable"`` (rho * k, per token) when
-    ``args.use_bias_correction_kl`` else ``"none"``. The behaviour policy mu is vLLM's sampling
-    log-probs when TRL has them (a NaN one, which vLLM can return, falls back to TRL's old
+    ``kl_is_mode=None`` picks TRL's choice for TRL's term (k3 as a loss): ``"differentiable"``
+    (rho * k3, per token) when ``args.use_bias_correction_kl`` else ``"none"``; for every other
+    term ``"cumulative"`` (exact off-policy for token sums). The behaviour policy mu is vLLM's
+    sampling log-probs when TRL has them (a NaN one, which vLLM can return, falls back to TRL's old
     log-prob as TRL's ``nan_to_num`` does), else TRL's ``old_per_token_logps``, else (on-policy)
     the current log-probs detached (TRL's own term keeps TRL's ratio against the old
     log-probs). ``args.beta`` is the coefficient. Every option is checked
@@ -93,11 +93,10 @@ class GKLGRPOTrainer(GRPOTrainer):
             config = GRPOConfig()  # what TRL builds: beta = 0, no KL term
         if not isinstance(kl_reward_to_go, bool):
             raise ValueError(f"kl_reward_to_go must be True or False, got {kl_reward_to_go!r}")
-        if kl_is_mode is None:
+        if kl_is_mode is None:  # TRL's choice for TRL's estimator, else the exact weights
+            trl_term = _trl_term(config.use_bias_correction_kl)
             kl_is_mode = (
-                "cumulative"
-                if kl_placement == "reward"
-                else _trl_term(config.use_bias_correction_kl)[2]
+                trl_term[2] if (kl_placement, kl_estimator) == trl_term[:2] else "cumulative"
             )
         check_kl_options(
             estimator=kl_estimator,
