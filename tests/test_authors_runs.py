@@ -1,0 +1,409 @@
+"""Whole-run quantities of the paper's recipes against references written from the authors' code
+(jiequancui/DKL c5e8ad2 DKLv2: Adv-training-dkl/train_dkl_cifar10/100.py, train_trades_cifar.py,
+autoaug.py, Imbalanced_KD-dkl/imagenetlt_distill_dkl.py; mdistiller's engine/utils.py,
+distillers/GKL_KD.py and models/cifar/wrn.py): the lr and warm-up factor of every epoch, two
+consecutive steps across an epoch boundary, the WRN BatchNorm statistics after two steps, the
+AutoAugment policy on fixed images and draws, the TRADES loader and the ImageNet-LT split files."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from PIL import Image, ImageEnhance, ImageOps
+from torch import nn
+
+from gkl.config import compose_config
+from gkl.data.build import build_datamodule
+from gkl.train import build_task
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def compose(*overrides: str):
+    return compose_config("train.yaml", list(overrides))
+
+
+# ----------------------------------------------------------------------------- the authors' lr
+
+
+def gkl_at_lr(lr: float, epochs: int, warmup: int = 0):
+    """train_dkl_cifar10/100.py adjust_learning_rate_cosine(optimizer, epoch), 1-based epoch."""
+
+    def at(epoch: int) -> float:
+        if epoch < warmup:
+            return lr / warmup * epoch
+        return lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup + 1)))
+
+    return [at(e) for e in range(1, epochs + 1)]
+
+
+def trades_lr(lr: float, epochs: int):
+    """train_trades_cifar.py adjust_learning_rate_cosine, 1-based epoch."""
+    return [lr * 0.5 * (1 + np.cos((e - 1) / epochs * np.pi)) for e in range(1, epochs + 1)]
+
+
+def mdistiller_lr(lr: float, epochs: int, stages, rate: float = 0.1):
+    """mdistiller engine/utils.py adjust_learning_rate(epoch, cfg, optimizer), 1-based epoch."""
+    out = []
+    for epoch in range(1, epochs + 1):
+        steps = np.sum(epoch > np.asarray(stages))
+        out.append(lr * rate**steps if steps > 0 else lr)
+    return out
+
+
+def imagenet_lt_lr(lr: float, epochs: int, warmup: int):
+    """imagenetlt_distill_dkl.py adjust_learning_rate(optimizer, epoch, args), 0-based epoch,
+    args.cos True."""
+    out = []
+    for epoch in range(epochs):
+        if epoch < warmup:
+            out.append(lr / warmup * (epoch + 1))
+        else:
+            out.append(
+                lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup + 1) / (epochs - warmup + 1)))
+            )
+    return out
+
+
+# recipe: (the authors' lr of every epoch, their warm-up factor of every epoch, what it is).
+GKL_AT = ("cifar10_gkl_at", "cifar100_gkl_at", "cifar10_gkl_at_autoaug", "cifar100_gkl_at_autoaug")
+SECOND_RUNS = ("cifar10_gkl_at_gamma02", "cifar100_gkl_at_gamma04")
+KD = (
+    "cifar100_kd",
+    "cifar100_kd_res56_res20",
+    "cifar100_kd_res110_res32",
+    "cifar100_kd_res32x4_shuv1",
+    "cifar100_kd_res32x4_shuv2",
+    "cifar100_kd_res50_mv2",
+    "cifar100_kd_vgg13_mv2",
+    "cifar100_kd_vgg13_vgg8",
+    "cifar100_kd_wrn40_2_shuv1",
+    "cifar100_kd_wrn40_2_wrn16_2",
+    "cifar100_kd_wrn40_2_wrn40_1",
+)
+KD_LR = {name: 0.01 if ("shuv" in name or "mv2" in name) else 0.05 for name in KD}
+
+
+def authors_schedule(name: str) -> tuple[list[float], list[float], str]:
+    """(lr of every epoch, warm-up factor of every epoch, source) from the authors' functions."""
+    if name in GKL_AT + SECOND_RUNS:
+        # the eps ramp varepsilon = epsilon * epoch / epochs is the warm-up of these runs
+        return gkl_at_lr(0.2, 200), [e / 200 for e in range(1, 201)], "adjust_learning_rate_cosine"
+    if name in ("cifar10_trades", "cifar100_trades"):
+        return trades_lr(0.2, 200), [e / 200 for e in range(1, 201)], "train_trades_cifar.py"
+    if name in KD:
+        warm = [min(e / 20, 1.0) for e in range(1, 241)]  # GKL_KD: min(epoch / warmup, 1)
+        return mdistiller_lr(KD_LR[name], 240, [150, 180, 210]), warm, "mdistiller"
+    if name in ("imagenet_kd", "imagenet_kd_r50_mv1"):
+        warm = [min(e / 5, 1.0) for e in range(1, 101)]
+        return mdistiller_lr(0.2, 100, [30, 60, 90]), warm, "mdistiller (ImageNet)"
+    if name in ("imagenet_lt_kd", "imagenet_lt_kd_x101_r50"):
+        return imagenet_lt_lr(0.05, 90, 10), [1.0] * 90, "imagenetlt_distill_dkl.py"
+    raise KeyError(name)
+
+
+SCHEDULED = (
+    *GKL_AT,
+    *SECOND_RUNS,
+    "cifar10_trades",
+    "cifar100_trades",
+    *KD,
+    "imagenet_kd",
+    "imagenet_kd_r50_mv1",
+    "imagenet_lt_kd",
+    "imagenet_lt_kd_x101_r50",
+)
+
+
+def our_schedule(cfg) -> tuple[list[float], list[float]]:
+    """The lr of every epoch as Lightning steps the recipe's scheduler (interval "epoch"), and
+    the task's warm-up factor of every epoch (distillation weight, or the eps ramp of AT)."""
+    param = nn.Parameter(torch.zeros(1))
+    optimizer = instantiate(cfg.optim.optimizer)(params=[param])
+    scheduler = instantiate(cfg.optim.scheduler)(optimizer=optimizer)
+    c = cfg.data.num_classes
+    teacher = nn.Linear(1, c) if cfg.task._target_ == "gkl.tasks.DistillationTask" else None
+    task = build_task(cfg, nn.Linear(1, c), teacher, instantiate(cfg.loss), c)
+    lrs, warm = [], []
+    for epoch in range(cfg.trainer.max_epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        task._trainer = SimpleNamespace(current_epoch=epoch)
+        warm.append(task.eps_factor() if hasattr(task, "eps_factor") else task.distill_weight())
+        optimizer.step()
+        scheduler.step()
+    return lrs, warm
+
+
+@pytest.mark.parametrize("name", SCHEDULED)
+def test_lr_and_warmup_of_every_epoch_equal_the_authors_functions(name):
+    cfg = compose(f"+experiment={name}")
+    ref_lr, ref_warm, source = authors_schedule(name)
+    lrs, warm = our_schedule(cfg)
+    assert len(lrs) == len(ref_lr)
+    lr_diff = max(abs(a - b) for a, b in zip(lrs, ref_lr, strict=True))
+    warm_diff = max(abs(a - b) for a, b in zip(warm, ref_warm, strict=True))
+    print(
+        f"{name}: {len(lrs)} epochs vs {source}: max |lr - authors' lr| = {lr_diff:.3e}, "
+        f"max |warm-up factor - authors'| = {warm_diff:.3e}"
+    )
+    assert lr_diff <= 1e-15 and warm_diff <= 1e-15
+
+
+def test_the_authors_cosine_is_not_the_plain_cosine():
+    """The schedule the GKL-AT recipes used before: 0.143994 vs 0.143086 at epoch 72."""
+    ours = our_schedule(compose("+experiment=cifar10_gkl_at"))[0]
+    plain = our_schedule(compose("+experiment=cifar10_gkl_at", "optim.scheduler.kind=cosine"))[0]
+    assert abs(ours[71] - 0.143086) < 1e-6 and abs(plain[71] - 0.143994) < 1e-6
+    assert plain == trades_lr(0.2, 200)
+
+
+# ----------------------------------------------------------------------------- epoch boundary
+
+
+class _Record(pl.Callback):
+    """Per training step: the batch, the lr, the prior in use; then seeds the attack's noise."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append(
+            {
+                "x": batch[0].detach().clone().double(),
+                "y": batch[1].detach().clone(),
+                "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                "prior": pl_module.class_prior.prior.detach().clone(),
+            }
+        )
+        torch.manual_seed(100 + trainer.global_step)  # the first draw: x + 0.001 N(0, I)
+
+
+def test_two_steps_across_an_epoch_boundary_equal_the_authors_loop(tmp_path, authors_dkl):
+    """cifar10_gkl_at driven by a Lightning Trainer, one batch an epoch, epochs 1 and 2 in
+    float64, against train_dkl_cifar10.py's loop: lr from adjust_learning_rate_cosine each epoch,
+    eps ramp, the class prior WEIGHT / WEIGHT.sum(1) of epoch 1 used in epoch 2."""
+    cfg = compose(
+        "+experiment=cifar10_gkl_at",
+        "model.name=wrn_16_1",
+        "data.synthetic=true",
+        "data.batch_size=10",
+        "++data.synthetic_sizes=[10,2,2]",
+        "data.num_workers=0",
+        f"paths.root_dir={tmp_path}",
+        f"paths.output_dir={tmp_path / 'run'}",
+    )
+    datamodule = build_datamodule(cfg.data)
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).double()
+    initial = copy.deepcopy(model.model)
+    task = build_task(cfg, model, None, instantiate(cfg.loss), 10)
+    record = _Record()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        precision="64-true",
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
+    )
+    trainer.fit(task, datamodule=datamodule)
+    assert len(record.steps) == 2
+
+    # train_dkl_cifar10.py: 1-based epochs, perturb_input(alpha=1, beta=0), dkl_loss(4, 20, 1).
+    ref = copy.deepcopy(initial).double()
+    optimizer = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9, weight_decay=5e-4)
+    weight = torch.ones(10, 10, dtype=torch.float64) / 10
+    for epoch, step in zip((1, 2), record.steps, strict=True):
+        lr = 0.2 * 0.5 * (1.0 + math.cos(math.pi * epoch / 201))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        assert step["lr"] == pytest.approx(lr, rel=1e-15), epoch  # the lr changed at the boundary
+        torch.testing.assert_close(step["prior"], weight, rtol=0, atol=1e-15)
+        x, y = step["x"], step["y"]
+        onehot = F.one_hot(y, 10).double()
+        sample_weight = onehot @ weight
+        varepsilon = 8 / 255 * (epoch / 200)
+        torch.manual_seed(100 + epoch - 1)
+        x_adv = x + 0.001 * torch.randn(x.shape, dtype=torch.float64)
+        ref.eval()
+        for _ in range(5):
+            x_adv.requires_grad_()
+            with torch.enable_grad():
+                loss_kl = authors_dkl(ref(x_adv), ref(x), sample_weight, 1.0, 0.0, 1.0)
+            grad = torch.autograd.grad(loss_kl, [x_adv])[0]
+            x_adv = x_adv.detach() + varepsilon / 2 * torch.sign(grad.detach())
+            x_adv = torch.min(torch.max(x_adv, x - varepsilon), x + varepsilon).clamp(0.0, 1.0)
+        ref.train()
+        logits_adv, logits_nat = ref(x_adv), ref(x)
+        weight_sums = onehot.t() @ F.softmax(logits_nat.detach() / 4.0, dim=-1)
+        loss = F.cross_entropy(logits_nat, y) + authors_dkl(
+            logits_adv, logits_nat, sample_weight, 4.0, 20.0, 1.0
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        weight = weight_sums / weight_sums.sum(dim=1, keepdim=True)  # every class is in the batch
+    assert not torch.allclose(record.steps[1]["prior"], record.steps[0]["prior"])  # finalised
+    torch.testing.assert_close(task.class_prior.prior, weight, rtol=0, atol=1e-14)
+    got = task.model.model.state_dict()
+    for key, value in ref.state_dict().items():  # weights and BatchNorm running statistics
+        torch.testing.assert_close(got[key], value, rtol=1e-10, atol=1e-13, msg=key)
+
+
+# ----------------------------------------------------------------------------- mdistiller WRN
+
+
+class _MdBlock(nn.Module):
+    """mdistiller models/cifar/wrn.py BasicBlock (inplace ReLUs included)."""
+
+    def __init__(self, in_planes, out_planes, stride):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_planes)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+        self.equalInOut = in_planes == out_planes
+        self.convShortcut = (
+            (not self.equalInOut) and nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False)
+        ) or None
+
+    def forward(self, x):
+        if not self.equalInOut:
+            x = self.relu1(self.bn1(x))
+        else:
+            out = self.relu1(self.bn1(x))
+        out = self.relu2(self.bn2(self.conv1(out if self.equalInOut else x)))
+        out = self.conv2(out)
+        return torch.add(x if self.equalInOut else self.convShortcut(x), out)
+
+
+class _MdStage(nn.Module):
+    def __init__(self, n, in_planes, out_planes, stride):
+        super().__init__()
+        self.layer = nn.Sequential(
+            *[_MdBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+              for i in range(n)]
+        )
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class _MdWideResNet(nn.Module):
+    """mdistiller's WideResNet forward: logits, then preact_feats through three BNs again."""
+
+    def __init__(self, depth, num_classes, widen_factor):
+        super().__init__()
+        ch = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        n = (depth - 4) // 6
+        self.conv1 = nn.Conv2d(3, ch[0], 3, 1, 1, bias=False)
+        self.block1 = _MdStage(n, ch[0], ch[1], 1)
+        self.block2 = _MdStage(n, ch[1], ch[2], 2)
+        self.block3 = _MdStage(n, ch[2], ch[3], 2)
+        self.bn1 = nn.BatchNorm2d(ch[3])
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(ch[3], num_classes)
+        self.nChannels = ch[3]
+
+    def forward(self, x):
+        out = self.conv1(x)
+        out = self.block1(out)
+        f1 = out
+        out = self.block2(out)
+        f2 = out
+        out = self.block3(out)
+        f3 = out
+        out = self.relu(self.bn1(out))
+        out = F.avg_pool2d(out, 8)
+        out = out.reshape(-1, self.nChannels)
+        out = self.fc(out)
+        self.block2.layer[0].bn1(f1)  # f1_pre
+        self.block3.layer[0].bn1(f2)  # f2_pre
+        self.bn1(f3)  # f3_pre
+        return out
+
+
+def mdistiller_gkl_kd(s, t, alpha, beta, gamma, temperature, t2):
+    """GKL_KD.py dkl_loss with GI False (the pair's setting): weights softmax(t / T2) ** gamma."""
+    c = s.shape[1]
+    delta_n = t.view(-1, c, 1) - t.view(-1, 1, c)
+    delta_a = s.view(-1, c, 1) - s.view(-1, 1, c)
+    s_n = F.softmax(t / t2, dim=1).pow(gamma)
+    p_n = s_n.view(-1, c, 1) @ s_n.view(-1, 1, c)
+    mse = 0.25 * ((delta_n - delta_a).pow(2) * p_n).sum() / p_n.sum()
+    sce = -(F.softmax(t / temperature, -1) * F.log_softmax(s / temperature, -1)).sum(1).mean()
+    return beta * mse + alpha * sce
+
+
+def test_wrn16_2_student_bn_statistics_after_two_steps_equal_mdistillers():
+    name = "cifar100_kd_wrn40_2_wrn16_2"
+    cfg = compose(f"+experiment={name}")
+    assert cfg.model.mdistiller_bn_double_update is True
+    assert "mdistiller_bn_double_update" not in compose("+experiment=cifar100_kd").model
+    torch.manual_seed(0)
+    model = instantiate(cfg.model).double()
+    teacher = instantiate(cfg.teacher, checkpoint=None, allow_random=True).double()
+    initial_state = copy.deepcopy(model.model.state_dict())
+    task = build_task(cfg, model, teacher, instantiate(cfg.loss), 100)
+    task.log_train = lambda *args, **kwargs: None
+    ref = _MdWideResNet(16, 100, 2).double()
+    ref.load_state_dict(initial_state)  # the same keys: state_dict layout unchanged
+    sgd = {"momentum": 0.9, "weight_decay": 5e-4, "nesterov": False}
+    ours_opt = torch.optim.SGD(model.parameters(), lr=0.05, **sgd)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, **sgd)
+    off = instantiate(cfg.model, mdistiller_bn_double_update=False).double()
+    off.model.load_state_dict(initial_state)
+    off_opt = torch.optim.SGD(off.parameters(), lr=0.05, **sgd)
+    gen = torch.Generator().manual_seed(5)
+    loss_cfg = cfg.loss
+    for step in range(2):
+        x = torch.rand(4, 3, 32, 32, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 100, (4,), generator=gen)
+        task._trainer = SimpleNamespace(current_epoch=0)  # epoch 1: warm-up 1 / 20
+        ours_opt.zero_grad()
+        task.training_step((x, y), step).backward()
+        ours_opt.step()
+        # mdistiller: student(normalised image), GKL_KD.forward_train, SGD
+        x_norm = (x - model.mean) / model.std
+        logits = ref(x_norm)
+        t = teacher(x)
+        loss = F.cross_entropy(logits, y) + min(1 / 20, 1.0) * mdistiller_gkl_kd(
+            logits, t, loss_cfg.alpha, loss_cfg.beta, loss_cfg.gamma, 4.0, 4.0
+        )
+        ref_opt.zero_grad()
+        loss.backward()
+        ref_opt.step()
+        off_opt.zero_grad()
+        off_logits = off(x)
+        off_loss = F.cross_entropy(off_logits, y) + (1 / 20) * mdistiller_gkl_kd(
+            off_logits, t, loss_cfg.alpha, loss_cfg.beta, loss_cfg.gamma, 4.0, 4.0
+        )
+        off_loss.backward()
+        off_opt.step()
+    got, off_state = model.model.state_dict(), off.model.state_dict()
+    assert got.keys() == ref.state_dict().keys()
+    stats = [k for k in got if "running_" in k]
+    diff = max(float((got[k] - ref.state_dict()[k]).abs().max()) for k in stats)
+    off_diff = max(float((off_state[k] - ref.state_dict()[k]).abs().max()) for k in stats)
+    print(
+        f"{name}: student BN running stats after 2 steps, max |gkl - mdistiller| = {diff:.3e} "
+        f"(option off: {off_diff:.3f})"
+    )
+    assert diff <= 1e-12 and off_diff > 1e-3
+    assert int(got["block2.layer.0.bn1.num_batches_tracked"]) == 4  # twice per step
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(got[key], value, rtol=1e-10, atol=1e-12, msg=key)
