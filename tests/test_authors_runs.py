@@ -407,3 +407,206 @@ def test_wrn16_2_student_bn_statistics_after_two_steps_equal_mdistillers():
     assert int(got["block2.layer.0.bn1.num_batches_tracked"]) == 4  # twice per step
     for key, value in ref.state_dict().items():
         torch.testing.assert_close(got[key], value, rtol=1e-10, atol=1e-12, msg=key)
+
+
+# ----------------------------------------------------------------------------- AutoAugment
+
+
+class _AuthorsSubPolicy:
+    """autoaug.py SubPolicy, as written by the authors (np.int -> int for numpy >= 1.24)."""
+
+    def __init__(self, p1, operation1, magnitude_idx1, p2, operation2, magnitude_idx2):
+        fillcolor = (128, 128, 128)
+        ranges = {
+            "shearX": np.linspace(0, 0.3, 10),
+            "shearY": np.linspace(0, 0.3, 10),
+            "translateX": np.linspace(0, 150 / 331, 10),
+            "translateY": np.linspace(0, 150 / 331, 10),
+            "rotate": np.linspace(0, 30, 10),
+            "color": np.linspace(0.0, 0.9, 10),
+            "posterize": np.round(np.linspace(8, 4, 10), 0).astype(int),
+            "solarize": np.linspace(256, 0, 10),
+            "contrast": np.linspace(0.0, 0.9, 10),
+            "sharpness": np.linspace(0.0, 0.9, 10),
+            "brightness": np.linspace(0.0, 0.9, 10),
+            "autocontrast": [0] * 10,
+            "equalize": [0] * 10,
+            "invert": [0] * 10,
+        }
+
+        def rotate_with_fill(img, magnitude):
+            rot = img.convert("RGBA").rotate(magnitude)
+            return Image.composite(rot, Image.new("RGBA", rot.size, (128,) * 4), rot).convert(
+                img.mode
+            )
+
+        func = {
+            "shearX": lambda img, magnitude: img.transform(
+                img.size, Image.AFFINE, (1, magnitude * random.choice([-1, 1]), 0, 0, 1, 0),
+                Image.BICUBIC, fillcolor=fillcolor),
+            "shearY": lambda img, magnitude: img.transform(
+                img.size, Image.AFFINE, (1, 0, 0, magnitude * random.choice([-1, 1]), 1, 0),
+                Image.BICUBIC, fillcolor=fillcolor),
+            "translateX": lambda img, magnitude: img.transform(
+                img.size, Image.AFFINE,
+                (1, 0, magnitude * img.size[0] * random.choice([-1, 1]), 0, 1, 0),
+                fillcolor=fillcolor),
+            "translateY": lambda img, magnitude: img.transform(
+                img.size, Image.AFFINE,
+                (1, 0, 0, 0, 1, magnitude * img.size[1] * random.choice([-1, 1])),
+                fillcolor=fillcolor),
+            "rotate": lambda img, magnitude: rotate_with_fill(img, magnitude),
+            "color": lambda img, magnitude: ImageEnhance.Color(img).enhance(
+                1 + magnitude * random.choice([-1, 1])),
+            "posterize": lambda img, magnitude: ImageOps.posterize(img, magnitude),
+            "solarize": lambda img, magnitude: ImageOps.solarize(img, magnitude),
+            "contrast": lambda img, magnitude: ImageEnhance.Contrast(img).enhance(
+                1 + magnitude * random.choice([-1, 1])),
+            "sharpness": lambda img, magnitude: ImageEnhance.Sharpness(img).enhance(
+                1 + magnitude * random.choice([-1, 1])),
+            "brightness": lambda img, magnitude: ImageEnhance.Brightness(img).enhance(
+                1 + magnitude * random.choice([-1, 1])),
+            "autocontrast": lambda img, magnitude: ImageOps.autocontrast(img),
+            "equalize": lambda img, magnitude: ImageOps.equalize(img),
+            "invert": lambda img, magnitude: ImageOps.invert(img),
+        }  # fmt: skip
+        self.p1, self.operation1 = p1, func[operation1]
+        self.magnitude1 = ranges[operation1][magnitude_idx1]
+        self.p2, self.operation2 = p2, func[operation2]
+        self.magnitude2 = ranges[operation2][magnitude_idx2]
+
+    def __call__(self, img):
+        if random.random() < self.p1:
+            img = self.operation1(img, self.magnitude1)
+        if random.random() < self.p2:
+            img = self.operation2(img, self.magnitude2)
+        return img
+
+
+# autoaug.py CIFAR10Policy's 25 sub-policies, copied from the authors' file.
+AUTHORS_CIFAR10 = [
+    (0.1, "invert", 7, 0.2, "contrast", 6), (0.7, "rotate", 2, 0.3, "translateX", 9),
+    (0.8, "sharpness", 1, 0.9, "sharpness", 3), (0.5, "shearY", 8, 0.7, "translateY", 9),
+    (0.5, "autocontrast", 8, 0.9, "equalize", 2), (0.2, "shearY", 7, 0.3, "posterize", 7),
+    (0.4, "color", 3, 0.6, "brightness", 7), (0.3, "sharpness", 9, 0.7, "brightness", 9),
+    (0.6, "equalize", 5, 0.5, "equalize", 1), (0.6, "contrast", 7, 0.6, "sharpness", 5),
+    (0.7, "color", 7, 0.5, "translateX", 8), (0.3, "equalize", 7, 0.4, "autocontrast", 8),
+    (0.4, "translateY", 3, 0.2, "sharpness", 6), (0.9, "brightness", 6, 0.2, "color", 8),
+    (0.5, "solarize", 2, 0.0, "invert", 3), (0.2, "equalize", 0, 0.6, "autocontrast", 0),
+    (0.2, "equalize", 8, 0.6, "equalize", 4), (0.9, "color", 9, 0.6, "equalize", 6),
+    (0.8, "autocontrast", 4, 0.2, "solarize", 8), (0.1, "brightness", 3, 0.7, "color", 0),
+    (0.4, "solarize", 5, 0.9, "autocontrast", 3), (0.9, "translateY", 9, 0.7, "translateY", 9),
+    (0.9, "autocontrast", 2, 0.8, "solarize", 3), (0.8, "equalize", 8, 0.1, "invert", 3),
+    (0.7, "translateY", 9, 0.9, "autocontrast", 1),
+]  # fmt: skip
+
+
+def authors_policy(img):
+    """CIFAR10Policy.__call__: policy_idx = random.randint(0, 24), then the sub-policy."""
+    policy_idx = random.randint(0, len(AUTHORS_CIFAR10) - 1)
+    return _AuthorsSubPolicy(*AUTHORS_CIFAR10[policy_idx])(img)
+
+
+def eight_images() -> list[Image.Image]:
+    gen = np.random.default_rng(0)
+    images = []
+    for i in range(8):  # smooth gradients + noise: the operations all change something
+        yy, xx = np.mgrid[0:32, 0:32]
+        base = np.stack([xx * 8, yy * 8, (xx + yy) * 4 + 32 * i], -1) % 256
+        noisy = base + gen.integers(-20, 21, base.shape)
+        images.append(Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)))
+    return images
+
+
+def test_autoaugment_policy_equals_the_authors_cifar10policy_on_fixed_images_and_draws():
+    from gkl.data.autoaugment import (
+        CIFAR10_SUBPOLICIES,
+        MAGNITUDES,
+        CIFAR10Policy,
+        apply_operation,
+    )
+
+    assert [tuple(p) for p in AUTHORS_CIFAR10] == list(CIFAR10_SUBPOLICIES)
+    policy = CIFAR10Policy()
+    images = eight_images()
+    worst, changed, compared = 0, 0, 0
+    # every sub-policy on every image, both operations forced on (p = 1), ten sign draws each
+    for k, (_, op1, bin1, _, op2, bin2) in enumerate(CIFAR10_SUBPOLICIES):
+        for i, image in enumerate(images):
+            for seed in range(10):
+                random.seed(1000 * k + 10 * i + seed)
+                ref = _AuthorsSubPolicy(1.0, op1, bin1, 1.0, op2, bin2)(image)
+                random.seed(1000 * k + 10 * i + seed)
+                random.random()  # the authors' `random.random() < p1` draw (p1 = 1)
+                ours = apply_operation(image, op1, MAGNITUDES[op1][bin1])
+                random.random()  # `random.random() < p2`
+                ours = apply_operation(ours, op2, MAGNITUDES[op2][bin2])
+                a, b = np.asarray(ref, dtype=np.int16), np.asarray(ours, dtype=np.int16)
+                worst = max(worst, int(np.abs(a - b).max()))
+                changed += int((a != np.asarray(image)).any())
+                compared += 1
+    # the policy itself: sub-policy index and probabilities drawn from the same seed
+    for i, image in enumerate(images):
+        for seed in range(25):
+            random.seed(seed * 8 + i)
+            ref = np.asarray(authors_policy(image), dtype=np.int16)
+            random.seed(seed * 8 + i)
+            ours = np.asarray(policy(image), dtype=np.int16)
+            worst = max(worst, int(np.abs(ref - ours).max()))
+    print(
+        f"CIFAR10Policy vs authors' autoaug.CIFAR10Policy: {compared} forced sub-policy runs "
+        f"({changed} changed the image) + 200 policy draws on 8 fixed images: max pixel "
+        f"difference {worst}"
+    )
+    assert worst == 0 and changed > 0.9 * compared
+
+
+def test_autoaugment_operations_are_the_authors_not_torchvisions():
+    """Grey fill, rotation always counter-clockwise (no sign draw), solarize thresholds
+    linspace(256, 0, 10) (bin 2: 199.1; torchvision's 198.3 would invert 199 too)."""
+    from gkl.data.autoaugment import MAGNITUDES, apply_operation
+
+    white = Image.new("RGB", (32, 32), (255, 255, 255))
+    rotated = np.asarray(apply_operation(white, "rotate", MAGNITUDES["rotate"][9]))
+    assert (rotated[0, 0] == 128).all()  # the corner is filled grey, not black
+    image = eight_images()[0]
+    outs = []
+    for seed in (0, 1, 2, 3):
+        random.seed(seed)
+        outs.append(np.asarray(apply_operation(image, "rotate", 30.0)))
+    assert all(np.array_equal(outs[0], o) for o in outs)
+    assert not np.array_equal(outs[0], np.asarray(apply_operation(image, "rotate", -30.0)))
+    level = Image.new("RGB", (4, 4), (199, 200, 0))
+    out = np.asarray(apply_operation(level, "solarize", MAGNITUDES["solarize"][2]))
+    assert MAGNITUDES["solarize"][2] == pytest.approx(256 * 7 / 9)
+    assert tuple(int(v) for v in out[0, 0]) == (199, 55, 0)
+
+
+def test_autoaug_second_view_is_the_authors_policy_and_torchvisions_stays_selectable():
+    from gkl.data.augment import POLICIES, PILPolicy, SecondView
+
+    for name in ("cifar10_gkl_at_autoaug", "cifar100_gkl_at_autoaug"):
+        view = compose(f"+experiment={name}").data.second_view
+        assert (view.autoaugment, view.cutout) == ("authors_cifar10", 0)
+    assert {"authors_cifar10", "torchvision_cifar10", "torchvision_imagenet"} <= set(POLICIES)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    for name in ("authors_cifar10", "torchvision_cifar10"):
+        out = SecondView(name)(images)
+        assert out.dtype == torch.uint8 and out.shape == images.shape
+    identity = PILPolicy(lambda image: image)
+    assert torch.equal(identity(images[0]), images[0])  # the tensor <-> PIL round trip is exact
+    with pytest.raises(ValueError, match="authors_cifar10"):
+        SecondView("cifar10")
+
+
+def test_trades_recipes_drop_the_last_incomplete_batch_like_train_trades_cifar():
+    for name, drop in (("cifar10_trades", True), ("cifar100_trades", True), ("cifar10_gkl_at", False)):
+        cfg = compose(
+            f"+experiment={name}", "data.synthetic=true", "data.batch_size=4",
+            "++data.synthetic_sizes=[10,2,2]", "data.num_workers=0",
+        )  # fmt: skip
+        assert cfg.data.get("drop_last", False) is drop
+        datamodule = build_datamodule(cfg.data)
+        datamodule.setup("fit")
+        # 10 images of batch 4: 2 batches (390 of 128 on 50,000) with drop_last, else 3 (391)
+        assert len(datamodule.train_dataloader()) == (2 if drop else 3)
