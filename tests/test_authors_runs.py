@@ -295,8 +295,10 @@ class _MdStage(nn.Module):
     def __init__(self, n, in_planes, out_planes, stride):
         super().__init__()
         self.layer = nn.Sequential(
-            *[_MdBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
-              for i in range(n)]
+            *[
+                _MdBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+                for i in range(n)
+            ]
         )
 
     def forward(self, x):
@@ -600,7 +602,8 @@ def test_autoaug_second_view_is_the_authors_policy_and_torchvisions_stays_select
 
 
 def test_trades_recipes_drop_the_last_incomplete_batch_like_train_trades_cifar():
-    for name, drop in (("cifar10_trades", True), ("cifar100_trades", True), ("cifar10_gkl_at", False)):
+    recipes = {"cifar10_trades": True, "cifar100_trades": True, "cifar10_gkl_at": False}
+    for name, drop in recipes.items():
         cfg = compose(
             f"+experiment={name}", "data.synthetic=true", "data.batch_size=4",
             "++data.synthetic_sizes=[10,2,2]", "data.num_workers=0",

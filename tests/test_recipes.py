@@ -99,7 +99,7 @@ def test_at_configs_carry_the_authors_numbers(name):
     assert cfg.data.dataset == data and cfg.task.objective == objective
     assert cfg.model.name == "wrn_34_10" and cfg.model.normalize is False
     assert (cfg.optim.optimizer.lr, cfg.optim.optimizer.weight_decay) == (lr, 5e-4)
-    # GKL-AT: train_dkl_cifar*.py's cosine; TRADES: train_trades_cifar.py's (tests/test_authors_runs)
+    # GKL-AT: train_dkl_cifar*.py's cosine; TRADES: train_trades_cifar.py's (test_authors_runs.py)
     kind = "cosine" if objective == "trades" else "authors_cosine"
     assert cfg.optim.scheduler.kind == kind and cfg.trainer.max_epochs == 200
     assert (task.eps, task.step_size, task.steps, task.eps_ramp_epochs) == (
