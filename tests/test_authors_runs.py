@@ -106,7 +106,7 @@ def authors_schedule(name: str) -> tuple[list[float], list[float], str]:
     if name in ("imagenet_kd", "imagenet_kd_r50_mv1"):
         warm = [min(e / 5, 1.0) for e in range(1, 101)]
         return mdistiller_lr(0.2, 100, [30, 60, 90]), warm, "mdistiller (ImageNet)"
-    if name in ("imagenet_lt_kd", "imagenet_lt_kd_x101_r50"):
+    if name in ("imagenet_lt_kd", "imagenet_lt_teacher"):
         return imagenet_lt_lr(0.05, 90, 10), [1.0] * 90, "imagenetlt_distill_dkl.py"
     raise KeyError(name)
 
@@ -120,7 +120,7 @@ SCHEDULED = (
     "imagenet_kd",
     "imagenet_kd_r50_mv1",
     "imagenet_lt_kd",
-    "imagenet_lt_kd_x101_r50",
+    "imagenet_lt_teacher",
 )
 
 
@@ -137,7 +137,12 @@ def our_schedule(cfg) -> tuple[list[float], list[float]]:
     for epoch in range(cfg.trainer.max_epochs):
         lrs.append(optimizer.param_groups[0]["lr"])
         task._trainer = SimpleNamespace(current_epoch=epoch)
-        warm.append(task.eps_factor() if hasattr(task, "eps_factor") else task.distill_weight())
+        if hasattr(task, "eps_factor"):  # adversarial training: the eps ramp
+            warm.append(task.eps_factor())
+        elif hasattr(task, "distill_weight"):  # distillation: the weight of the KD term
+            warm.append(task.distill_weight())
+        else:  # plain CE (a teacher)
+            warm.append(1.0)
         optimizer.step()
         scheduler.step()
     return lrs, warm
@@ -613,3 +618,84 @@ def test_trades_recipes_drop_the_last_incomplete_batch_like_train_trades_cifar()
         datamodule.setup("fit")
         # 10 images of batch 4: 2 batches (390 of 128 on 50,000) with drop_last, else 3 (391)
         assert len(datamodule.train_dataloader()) == (2 if drop else 3)
+
+
+# ----------------------------------------------------------------------------- ImageNet-LT
+
+
+def fake_imagenet_lt(root) -> dict[str, list[tuple[str, int]]]:
+    """A tiny ImageNet root (train/<wnid>/*.JPEG, val/<wnid>/ILSVRC2012_val_*.JPEG) and
+    ImageNet_LT_{train,val,test}.txt split files in root/ImageNet_LT, 3 classes, long-tailed."""
+    wnids = ["n01440764", "n01443537", "n01484850"]
+    splits = {"train": [], "val": [], "test": []}
+    gen = np.random.default_rng(0)
+    for label, wnid in enumerate(wnids):
+        for folder, split, count in (("train", "train", 4 - label), ("train", "val", 1)):
+            for i in range(count):
+                name = f"{folder}/{wnid}/{wnid}_{split}{i}.JPEG"
+                splits[split].append((name, label))
+        for i in range(2):
+            splits["test"].append((f"val/{wnid}/ILSVRC2012_val_{label * 10 + i:08d}.JPEG", label))
+    for pairs in splits.values():
+        for relative, label in pairs:
+            path = root / "imagenet" / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            size = (40 + 8 * label, 30)
+            pixels = gen.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(path, format="JPEG")
+    (root / "ImageNet_LT").mkdir()
+    for split, pairs in splits.items():
+        lines = "".join(f"{relative} {label}\n" for relative, label in pairs)
+        (root / "ImageNet_LT" / f"ImageNet_LT_{split}.txt").write_text(lines)
+    return splits
+
+
+def test_imagenet_lt_data_module_reads_the_split_files_of_a_fake_layout(tmp_path):
+    splits = fake_imagenet_lt(tmp_path)
+    cfg = compose(
+        "+experiment=imagenet_lt_kd",
+        f"paths.data_dir={tmp_path}",
+        "data.batch_size=2",
+        "data.num_workers=0",
+    )
+    assert cfg.data._target_ == "gkl.data.ImageNetLTDataModule" and cfg.data.drop_last
+    datamodule = build_datamodule(cfg.data)
+    datamodule.setup("fit")
+    train, test = datamodule.train_set, datamodule.test_set
+    assert [s for s in train.samples] == splits["train"]  # the file's order and labels
+    assert test.samples == splits["test"] and datamodule.val_set is test  # val_size 0: test
+    x, y = train[0]
+    assert x.shape == (3, 224, 224) and x.dtype == torch.float32 and 0 <= x.min() <= x.max() <= 1
+    assert y == 0
+    batches = list(datamodule.train_dataloader())
+    assert len(batches) == len(splits["train"]) // 2  # 9 images, batch 2, drop_last: 4 batches
+    assert all(len(b[1]) == 2 for b in batches)
+    x_test, _ = next(iter(datamodule.test_dataloader()))
+    assert x_test.shape == (2, 3, 224, 224)
+    held_out = build_datamodule(compose(
+        "+experiment=imagenet_lt_kd", f"paths.data_dir={tmp_path}", "data.val_size=2",
+        "data.num_workers=0",
+    ).data)  # fmt: skip
+    held_out.setup("fit")
+    assert held_out.val_set.samples == splits["val"][:2]
+
+
+def test_imagenet_lt_bad_split_files_are_errors_naming_the_file(tmp_path):
+    from gkl.data.imagenet_lt import read_split_file
+
+    fake_imagenet_lt(tmp_path)
+    split = tmp_path / "ImageNet_LT" / "ImageNet_LT_train.txt"
+    split.write_text("train/n01440764/n01440764_train0.JPEG 1000\n")
+    with pytest.raises(ValueError, match=r"ImageNet_LT_train.txt:1: label 1000 outside \[0, 1000\)"):
+        read_split_file(split)
+    split.write_text("train/n01440764/a.JPEG\n")
+    with pytest.raises(ValueError, match=r"ImageNet_LT_train.txt:1: expected"):
+        read_split_file(split)
+    split.write_text("train/n01440764/missing.JPEG 0\n")
+    datamodule = build_datamodule(
+        compose("+experiment=imagenet_lt_kd", f"paths.data_dir={tmp_path}").data
+    )
+    with pytest.raises(FileNotFoundError, match="1 of the 1 listed images are not under"):
+        datamodule.setup("fit")
+    with pytest.raises(FileNotFoundError, match="ImageNet-LT split file"):
+        read_split_file(tmp_path / "nowhere.txt")
