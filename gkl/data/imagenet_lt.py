@@ -66,9 +66,9 @@ class SplitFileDataset(Dataset):
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} of the {len(samples)} listed images are not under {root}, e.g. "
-                f"{missing[:3]}: data.data_dir must be the ImageNet root holding train/<wnid>/*.JPEG"
-                " and val/<wnid>/ILSVRC2012_val_*.JPEG (validation images sorted into class "
-                "folders)"
+                f"{missing[:3]}: data.data_dir must be the ImageNet root holding "
+                "train/<wnid>/*.JPEG and val/<wnid>/ILSVRC2012_val_*.JPEG (validation images "
+                "sorted into class folders)"
             )
         self.root, self.samples, self.transform = root, samples, transform
 
