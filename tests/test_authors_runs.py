@@ -699,3 +699,25 @@ def test_imagenet_lt_bad_split_files_are_errors_naming_the_file(tmp_path):
         datamodule.setup("fit")
     with pytest.raises(FileNotFoundError, match="ImageNet-LT split file"):
         read_split_file(tmp_path / "nowhere.txt")
+
+
+def test_second_runs_and_the_documented_imagenet_lt_r50_command_compose_to_the_scripts():
+    c10 = compose("+experiment=cifar10_gkl_at_gamma02")  # sh/train_dkl_cifar10.sh, second run
+    assert (c10.loss.alpha, c10.loss.beta, c10.loss.gamma, c10.loss.temperature2) == (4, 20, 0.2, 4)
+    c100 = compose("+experiment=cifar100_gkl_at_gamma04")  # sh/train_dkl_cifar100.sh, second run
+    assert (c100.loss.alpha, c100.loss.beta, c100.loss.gamma) == (4, 20, 0.4)
+    assert c100.loss.temperature2 == c100.task.attack_loss.temperature2 == 1
+    assert (c100.task.attack_loss.beta, c100.task.attack_loss.gamma) == (1, 1)  # perturb_input
+    r50 = compose(  # docs/reproduce.md, ImageNetLT_train_X101R50_distill_dkl.sh
+        "+experiment=imagenet_lt_kd",
+        "model.name=resnet50",
+        "loss=gkl_imagenet_lt_x101_r50",
+        "experiment_name=imagenet_lt_kd_x101_r50",
+        "task_name=imagenet_lt_kd_x101_r50",
+    )
+    loss = r50.loss
+    assert (r50.model.name, r50.teacher.name) == ("resnet50", "resnext101_32x4d")
+    assert (loss.alpha, loss.beta, loss.gamma, loss.use_class_prior) == (3, 4, 0.3, True)
+    assert (loss.temperature, loss.temperature2, r50.task.warmup_epochs) == (1, 1, 0)
+    r18 = compose("+experiment=imagenet_lt_kd").loss  # ImageNetLT_train_X101R18_distill_dkl.sh
+    assert (r18.alpha, r18.beta, r18.gamma, r18.use_class_prior) == (4, 4, 0.3, True)
