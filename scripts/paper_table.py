@@ -55,6 +55,11 @@ KD_IMAGENET = {
     "imagenet_kd": ("ResNet-34 -> ResNet-18", {"KD": 71.03, "DKD": 71.70, "GKL": 71.91}),
     "imagenet_kd_r50_mv1": ("ResNet-50 -> MobileNetV1", {"KD": 70.50, "DKD": 72.05, "GKL": 72.92}),
 }
+# anchors: the authors' DKLv2/Imbalanced_KD-dkl README (ImageNet-LT test split).
+KD_IMAGENET_LT = {
+    "imagenet_lt_kd": ("ResNeXt-101-32x4d -> ResNet-18", {"GKL": 45.40}),
+    "imagenet_lt_kd_x101_r50": ("ResNeXt-101-32x4d -> ResNet-50", {"GKL": 49.40}),
+}
 # experiment -> (data set, row label, anchor (clean, AutoAttack) % or None, anchor source)
 AT_ROWS = {
     "cifar10_trades": ("CIFAR-10", "TRADES (authors' schedule)", None, ""),
@@ -64,6 +69,8 @@ AT_ROWS = {
     "cifar100_trades": ("CIFAR-100", "TRADES (authors' schedule)", (60.0, 29.0), "about, anchors"),
     "cifar100_gkl_at": ("CIFAR-100", "GKL-AT", (65.76, 31.91), "paper"),
     "cifar100_gkl_at_autoaug": ("CIFAR-100", "GKL-AT + AutoAugment", None, ""),
+    "cifar10_gkl_at_gamma02": ("CIFAR-10", "GKL-AT gamma 0.2 (script's 2nd run)", None, ""),
+    "cifar100_gkl_at_gamma04": ("CIFAR-100", "GKL-AT gamma 0.4 T 1 (script's 2nd run)", None, ""),
 }
 
 
@@ -176,6 +183,8 @@ def main() -> None:
         *kd_table("KD, CIFAR-100", KD_CIFAR, runs),
         "",
         *kd_table("KD, ImageNet", KD_IMAGENET, runs),
+        "",
+        *kd_table("KD, ImageNet-LT", KD_IMAGENET_LT, runs),
         "",
         *at_table(runs),
         "",

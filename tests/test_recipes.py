@@ -99,7 +99,9 @@ def test_at_configs_carry_the_authors_numbers(name):
     assert cfg.data.dataset == data and cfg.task.objective == objective
     assert cfg.model.name == "wrn_34_10" and cfg.model.normalize is False
     assert (cfg.optim.optimizer.lr, cfg.optim.optimizer.weight_decay) == (lr, 5e-4)
-    assert cfg.optim.scheduler.kind == "cosine" and cfg.trainer.max_epochs == 200
+    # GKL-AT: train_dkl_cifar*.py's cosine; TRADES: train_trades_cifar.py's (test_authors_runs.py)
+    kind = "cosine" if objective == "trades" else "authors_cosine"
+    assert cfg.optim.scheduler.kind == kind and cfg.trainer.max_epochs == 200
     assert (task.eps, task.step_size, task.steps, task.eps_ramp_epochs) == (
         "8/255",
         "4/255",
@@ -125,7 +127,7 @@ def test_at_configs_carry_the_authors_numbers(name):
         assert cfg.loss._target_ == "gkl.losses.TradesKLLoss" and task.attack_loss is None
         assert task.trades_beta == trades_beta
     if aug_weight != 1.0:
-        assert cfg.data.second_view.autoaugment == "cifar10"
+        assert cfg.data.second_view.autoaugment == "authors_cifar10"
 
 
 def test_wu_et_al_trades_awp_keeps_its_own_recipe():
@@ -502,7 +504,8 @@ def test_second_view_is_autoaugment_and_cutout_zeroes_one_clipped_square():
         assert 0 < len(rows) <= 16 and 0 < len(cols) <= 16
         assert int(zero.sum()) == len(rows) * len(cols)  # one axis-aligned rectangle
         assert (image[:, ~zero] == 200).all()
-    view = SecondView("cifar10", cutout=0)(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8))
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    view = SecondView("authors_cifar10", cutout=0)(images)
     assert view.dtype == torch.uint8 and view.shape == (8, 3, 32, 32)
     with pytest.raises(ValueError, match="second_view.autoaugment"):
         SecondView("svhn")

@@ -11,6 +11,7 @@ from gkl.data.datasets import (
 from gkl.data.fashion_mnist import FashionMNISTDataModule, read_idx
 from gkl.data.generated import MixedBatchSampler, load_generated_npz
 from gkl.data.imagenet import ImageNetDataModule
+from gkl.data.imagenet_lt import ImageNetLTDataModule
 
 __all__ = [
     "CIFARDataModule",
@@ -18,6 +19,7 @@ __all__ = [
     "FashionMNISTDataModule",
     "ImageDataModule",
     "ImageNetDataModule",
+    "ImageNetLTDataModule",
     "ImageTensorDataset",
     "MixedBatchSampler",
     "RandomCropFlip",

@@ -2,24 +2,46 @@
 
 The GKL-AT code (jiequancui/DKL, ``dataset/cifar.py`` CIFAR10V2 / CIFAR100V2) serves every
 training image twice: view 1 with ``RandomCrop(32, 4)`` + ``RandomHorizontalFlip``, view 2 with
-the same crop and flip followed by the AutoAugment CIFAR-10 policy (optionally Cutout). Batches are
-``(x, y, x_aug)``; :class:`gkl.tasks.AdversarialTask` trains on both views.
+the same crop and flip followed by their ``autoaug.CIFAR10Policy`` (``--aug autoaug``;
+:mod:`gkl.data.autoaugment`, policy name ``authors_cifar10``) or by Cutout (``--aug cutout``).
+torchvision's policies stay selectable (``torchvision_cifar10``, ``torchvision_imagenet``).
+Batches are ``(x, y, x_aug)``; :class:`gkl.tasks.AdversarialTask` trains on both views.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import AutoAugment, AutoAugmentPolicy
 
+from gkl.data.autoaugment import CIFAR10Policy
 from gkl.data.cifar import CIFARDataModule
 from gkl.data.datasets import ImageTensorDataset, RandomCropFlip
 
-POLICIES = {"cifar10": AutoAugmentPolicy.CIFAR10, "imagenet": AutoAugmentPolicy.IMAGENET}
+
+class PILPolicy:
+    """A policy on PIL images applied to one uint8 ``(C, H, W)`` tensor (round trip exact)."""
+
+    def __init__(self, policy: Callable[[Image.Image], Image.Image]) -> None:
+        self.policy = policy
+
+    def __call__(self, image: Tensor) -> Tensor:
+        out = self.policy(Image.fromarray(image.permute(1, 2, 0).numpy()))
+        return torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1)
+
+
+# Name -> per-image uint8 (C, H, W) transform.
+POLICIES: dict[str, Callable[[], Callable[[Tensor], Tensor]]] = {
+    "authors_cifar10": lambda: PILPolicy(CIFAR10Policy()),
+    "torchvision_cifar10": lambda: AutoAugment(AutoAugmentPolicy.CIFAR10),
+    "torchvision_imagenet": lambda: AutoAugment(AutoAugmentPolicy.IMAGENET),
+}
 
 
 def cutout(images: Tensor, length: int) -> Tensor:
@@ -38,9 +60,12 @@ def cutout(images: Tensor, length: int) -> Tensor:
 
 
 class SecondView:
-    """uint8 ``(B, C, H, W)`` -> crop + flip, then AutoAugment per image, then Cutout."""
+    """uint8 ``(B, C, H, W)`` -> crop + flip, then the AutoAugment policy ``autoaugment`` per
+    image (a name of :data:`POLICIES` or null), then Cutout of side ``cutout`` (0: none)."""
 
-    def __init__(self, autoaugment: str | None = "cifar10", cutout: int = 0, padding: int = 4):
+    def __init__(
+        self, autoaugment: str | None = "authors_cifar10", cutout: int = 0, padding: int = 4
+    ):
         if autoaugment is not None and autoaugment not in POLICIES:
             raise ValueError(
                 f"data.second_view.autoaugment={autoaugment!r}; valid: {sorted(POLICIES)} or null"
@@ -48,7 +73,7 @@ class SecondView:
         if cutout < 0:
             raise ValueError(f"data.second_view.cutout must be >= 0 (0: off), got {cutout}")
         self.crop_flip = RandomCropFlip(padding=padding)
-        self.autoaugment = AutoAugment(POLICIES[autoaugment]) if autoaugment else None
+        self.autoaugment = POLICIES[autoaugment]() if autoaugment else None
         self.cutout = cutout
 
     def __call__(self, images: Tensor) -> Tensor:

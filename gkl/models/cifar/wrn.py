@@ -66,6 +66,14 @@ class WideResNet(nn.Module):
 
     ``sub_block1=True`` adds the unused ``sub_block1`` stage found in original TRADES checkpoints;
     ``bias_last=False`` drops the classifier bias (some RobustBench entries).
+
+    ``mdistiller_bn_double_update=True`` reproduces mdistiller's ``models/cifar/wrn.py``, whose
+    forward calls ``block2.layer[0].bn1``, ``block3.layer[0].bn1`` and the final ``bn1`` a second
+    time on the same inputs (to return ``preact_feats``): in training mode those three BatchNorms
+    update their running statistics twice per step (running = (1 - m)^2 * running + (1 - (1 -
+    m)^2) * batch statistic, ``num_batches_tracked`` + 2); logits, gradients and the state_dict
+    layout are unchanged. Off by default; on in the KD recipes whose WRN students and numbers come
+    from mdistiller (``cifar100_kd_wrn40_2_wrn16_2``, ``cifar100_kd_wrn40_2_wrn40_1``).
     """
 
     def __init__(
@@ -77,8 +85,10 @@ class WideResNet(nn.Module):
         in_channels: int = 3,
         sub_block1: bool = False,
         bias_last: bool = True,
+        mdistiller_bn_double_update: bool = False,
     ) -> None:
         super().__init__()
+        self.mdistiller_bn_double_update = mdistiller_bn_double_update
         if (depth - 4) % 6 != 0:
             raise ValueError(f"depth must be 6n+4 (e.g. 16, 28, 34, 40), got {depth}")
         n = (depth - 4) // 6
@@ -104,8 +114,15 @@ class WideResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Globally pooled penultimate features, shape ``(B, 64 * widen_factor)``."""
-        out = self.block3(self.block2(self.block1(self.conv1(x))))
-        out = F.relu(self.bn1(out))
+        f1 = self.block1(self.conv1(x))
+        f2 = self.block2(f1)
+        f3 = self.block3(f2)
+        out = F.relu(self.bn1(f3))
+        if self.mdistiller_bn_double_update and self.training:
+            with torch.no_grad():  # mdistiller's preact_feats: only the running statistics count
+                self.block2.layer[0].bn1(f1)
+                self.block3.layer[0].bn1(f2)
+                self.bn1(f3)
         return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
