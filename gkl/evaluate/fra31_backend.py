@@ -46,7 +46,7 @@ def import_fra31() -> ModuleType:
     except ModuleNotFoundError:
         raise ModuleNotFoundError(f"fra31's `autoattack` is not installed: {INSTALL}") from None
     if not hasattr(module, "AutoAttack"):
-        raise ModuleNotFoundError(f"{module.__file__} has no AutoAttack: {INSTALL}")
+        raise ModuleNotFoundError(f"{module!r} has no AutoAttack: {INSTALL}")
     return module
 
 
@@ -57,7 +57,8 @@ def fra31_version(module: ModuleType) -> str:
         version = importlib.metadata.version("autoattack")
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    return f"autoattack {version} ({Path(module.__file__).parent})"
+    where = getattr(module, "__file__", None)
+    return f"autoattack {version} ({Path(where).parent if where else module.__name__})"
 
 
 def fra31_autoattack(
