@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -181,15 +182,28 @@ def test_second_run_with_the_same_state_path_resumes_without_attacking(tmp_path,
 
 @pytest.mark.needs_robustbench
 @pytest.mark.filterwarnings("ignore:pkg_resources is deprecated")
+@pytest.mark.needs_robustbench
+@pytest.mark.filterwarnings("ignore:pkg_resources is deprecated")
 def test_robustbench_backend(tmp_path):
+    """robustbench.eval.benchmark (standard AutoAttack) with gkl's shim, and with fra31's own
+    package where it is installed: the same clean count as gkl, and never the shim under
+    backend=robustbench."""
+    from gkl.evaluate.robustbench_backend import fra31_installed
+
     fake_cifar10(tmp_path)
     checkpoint = save_network(tmp_path / "net.pth")
     reference = run(compose_eval(tmp_path, cheap(checkpoint, n=16)))
-    cfg = compose_eval(tmp_path, [*cheap(checkpoint, n=16), "backend=robustbench"])
-    record = run(cfg)
-    assert record["backend"] == "robustbench" and record["autoattack_version"] == "standard"
-    assert record["clean_acc"] == reference["clean_acc"]
-    assert record["autoattack_acc"] <= record["clean_acc"]
+    standard = cheap(checkpoint, n=16)[:-2]  # RobustBench's protocol: standard AutoAttack
+    backends = ["robustbench_shim", "robustbench"] if fra31_installed() else ["robustbench_shim"]
+    for backend in backends:
+        record = run(compose_eval(tmp_path, [*standard, f"backend={backend}"]))
+        assert record["backend"] == backend and record["autoattack_version"] == "standard"
+        assert record["counts"]["clean"] == reference["counts"]["clean"]
+        assert record["counts"]["autoattack"] <= record["counts"]["clean"]
+        shim = "gkl's pyautoattack shim" in record["autoattack_implementation"]
+        assert shim is (backend == "robustbench_shim")
+    with pytest.raises(ValueError, match="standard AutoAttack only"):
+        run(compose_eval(tmp_path, [*cheap(checkpoint, n=16), "backend=robustbench_shim"]))
 
 
 def fake_robustbench_zoo(monkeypatch, calls: list[dict], network) -> None:
@@ -458,6 +472,7 @@ def test_unreliable_result_writes_no_card_unless_allowed(tmp_path):
         "autoattack.attacks=[apgd-ce,apgd-dlr]",
         "eps=16/255",
         *CARD,
+        "allow_off_leaderboard=true",
     ]
     with pytest.raises(RuntimeError, match=r"no model card for an unreliable result.*masking"):
         run(compose_eval(tmp_path, settings))
@@ -560,3 +575,109 @@ def test_unreadable_checkpoints_name_the_file(tmp_path, kind):
     cfg = compose_eval(tmp_path, [f"ckpt_path={path}", "data=cifar10", *MLP])
     with pytest.raises(ValueError, match=rf"checkpoint {re.escape(str(path))}"):
         run(cfg)
+
+
+# ----------------------------------------------------------------------------- issue 22
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("pgd.steps=0", "pgd.steps=0 must be an integer >= 1"),
+        ("masking_threshold=-1", "masking_threshold=-1 must be a fraction in [0, 1]"),
+        ("norm=L3", "unknown norm 'L3'"),
+        ("backend=autoattack", "unknown backend 'autoattack'"),
+    ],
+)
+def test_bad_attack_settings_fail_before_any_work(tmp_path, override, message):
+    cfg = compose_eval(tmp_path, ["ckpt_path=/nonexistent.pth", "data=cifar10", override])
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run(cfg)
+
+
+def test_imagenet_preprocessing_on_another_data_set_is_refused(tmp_path):
+    checkpoint = save_network(tmp_path / "net.pth")
+    cfg = compose_eval(tmp_path, [*cheap(checkpoint), "data=fmnist", "preprocessing=Crop288"])
+    with pytest.raises(ValueError, match=r"preprocessing=Crop288 is RobustBench's ImageNet.*drop"):
+        run(cfg)
+
+
+def test_a_tie_is_consistent_and_gets_a_card_with_its_leaderboard_row(tmp_path):
+    """eps = 0: PGD and AutoAttack leave exactly the clean points standing (a three-way tie).
+    As fractions the float32 AutoAttack mean exceeds the float64 ones for most counts, which
+    was called an order violation; the counts tie, the result is reliable, the card written."""
+    fake_cifar10(tmp_path, n=100)
+    checkpoint = save_network(tmp_path / "net.pth")
+    settings = [*cheap(checkpoint, n=100), "batch_size=50", "eps=0", *CARD]
+    with pytest.raises(ValueError, match=r"budget no RobustBench leaderboard uses.*8/255"):
+        run(compose_eval(tmp_path, settings))
+    record = run(compose_eval(tmp_path, [*settings, "allow_off_leaderboard=true"]))
+    counts = record["counts"]
+    assert counts["clean"] == counts["pgd"] == counts["autoattack"] > 0 and counts["n"] == 100
+    assert not record["unreliable"] and record["warnings"] == []
+    card = json.loads(Path(record["model_card"]).read_text())
+    assert "Off-leaderboard budget: Linf eps 0/255, while RobustBench" in card["footnote"]
+    assert "AutoAttack custom (apgd-ce), not standard." in card["footnote"]
+    rows = Path(record["leaderboard_row"]).read_text().splitlines()
+    assert rows[0] == (
+        "| Rank | Method | Standard accuracy | AA accuracy | AA + external accuracy | Raised flags "
+        "| Extra data | Architecture | Venue |"
+    )
+    cells = [c.strip() for c in rows[2].strip("|").split("|")]
+    assert cells[1] == f"[{card['name']}]({card['link']})<br>{card['footnote']}"
+    assert cells[2:4] == [f"{card['clean_acc']}%", f"{card['autoattack_acc']}%"]
+    assert cells[6:] == ["&#215;", "fmnist_mlp", "tests"]
+    # The record: per-attack breakdown, stage times and the versions behind the numbers.
+    assert [a["attack"] for a in record["autoattack_per_attack"]] == ["apgd-ce"]
+    assert record["autoattack_per_attack"][0]["robust"] == counts["autoattack"]
+    assert set(record["seconds"]) == {"load", "clean", "pgd", "autoattack", "total"}
+    assert record["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert record["threat_model_source"]["eps"] == "command line"
+
+
+@pytest.mark.parametrize(
+    ("threat", "message"),
+    [(["eps=4/255"], "Linf eps 4/255, while"), (["norm=L2", "eps=8/255"], "L2 eps 0.0313725")],
+)
+def test_off_leaderboard_budgets_get_no_card_without_the_switch(tmp_path, threat, message):
+    checkpoint = save_network(tmp_path / "net.pth")
+    cfg = compose_eval(tmp_path, [*cheap(checkpoint), *CARD, *threat])
+    fake_cifar10(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(message) + ".*allow_off_leaderboard=true"):
+        run(cfg)
+
+
+@pytest.mark.needs_fmnist
+def test_eps_and_norm_default_to_the_runs_threat_model(tmp_path, caplog):
+    checkpoint = train_run(
+        tmp_path,
+        [
+            "+experiment=fmnist_trades",
+            "model.name=fmnist_mlp",
+            "data.train_subset=100",
+            "data.val_size=0",  # validation on the test set: a training warning, not eval's
+            "data.batch_size=50",
+            "task.steps=1",
+            "task.val_pgd_subset=0",
+        ],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "validating on the TEST set" during eval
+        record = run(compose_eval(tmp_path, [f"ckpt_path={checkpoint}", "n_examples=8", *AA_CHEAP]))
+    assert (record["eps"], record["eps_value"], record["threat_model"]) == ("0.1", 0.1, "Linf")
+    assert record["threat_model_source"] == {"eps": "run", "norm": "run"}
+    assert record["run_threat_model"]["file"] == str(tmp_path / "train" / "config.yaml")
+    assert record["threat_model_note"] is None
+    with caplog.at_level("WARNING", logger="gkl.evaluate.run"):
+        other = run(
+            compose_eval(
+                tmp_path,
+                [f"ckpt_path={checkpoint}", "n_examples=8", "eps=8/255", *AA_CHEAP]
+                + [f"state_path={tmp_path / 'other.json'}"],
+            )
+        )
+    note = (
+        "evaluating Linf eps 8/255 (command line), not the run's training threat model Linf eps 0.1"
+    )
+    assert other["threat_model_note"].startswith(note)
+    assert any(r.getMessage().startswith(note) for r in caplog.records)
