@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import shlex
 import subprocess
 import sys
 import types
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from gkl.config import CONFIG_DIR, compose_config
 from gkl.evaluate import autoattack_runner, validate_model_card
@@ -681,3 +683,254 @@ def test_eps_and_norm_default_to_the_runs_threat_model(tmp_path, caplog):
     )
     assert other["threat_model_note"].startswith(note)
     assert any(r.getMessage().startswith(note) for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------- documented commands
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+COMMAND = re.compile(
+    r"(?:python\s+)?(?:eval\.py|scripts/(?:robustness_curve|export_robustbench)\.py)"
+    r"(?=[\s`])[^`#\n]*"
+)
+# Every evaluation command README.md and docs/*.md give (file, command with continuation lines
+# joined); test_documented_evaluation_command runs each one.
+DOCUMENTED = [
+    ("README.md", "eval.py ckpt_path=<run>/checkpoints/last.ckpt"),
+    (
+        "README.md",
+        "python eval.py ckpt_path=<run>/released.pth data=cifar100 model.name=wrn_34_10 "
+        "model.normalize=false",
+    ),
+    ("README.md", "python eval.py ckpt_path=<run>/checkpoints/last.ckpt eps=8/255"),
+    (
+        "README.md",
+        "python eval.py ckpt_path=<run>/checkpoints/last.ckpt export=robustbench card.id=...",
+    ),
+    ("README.md", "python eval.py ... backend=robustbench"),
+    ("README.md", "python eval.py robustbench_model=Carmon2019Unlabeled data=cifar10"),
+    ("README.md", "python eval.py ckpt_path=<run>/checkpoints/last.ckpt"),
+    (
+        "README.md",
+        "python eval.py ckpt_path=<run>/checkpoints/last.ckpt card.id=<Name2026Title_WRN-34-10> "
+        'card.name="<paper title>" card.link=<url> \'card.authors="<names>"\' '
+        'card.venue="<venue>"',
+    ),
+    (
+        "README.md",
+        "python eval.py ckpt_path=<run>/checkpoints/last.ckpt export=robustbench card.id=... "
+        "card.name=...",
+    ),
+    ("adversarial.md", "python eval.py ckpt_path=<run>/checkpoints/last.ckpt"),
+    ("adversarial.md", "python eval.py robustbench_model=Carmon2019Unlabeled data=cifar10"),
+    (
+        "adversarial.md",
+        "python eval.py ckpt_path=<run>/checkpoints/last.ckpt n_examples=10000 "
+        'export=robustbench card.id=Cui2023Decoupled_WRN-34-10 card.name="Decoupled '
+        'Kullback-Leibler Divergence Loss" card.link=https://arxiv.org/abs/2305.13948 '
+        '\'card.authors="Jiequan Cui, ..."\' card.venue="NeurIPS 2024" card.reported=0.5709',
+    ),
+    ("adversarial.md", "python scripts/export_robustbench.py <eval run>/results.json"),
+    (
+        "adversarial.md",
+        "python scripts/robustness_curve.py --ckpt <trades run>/checkpoints/last.ckpt --ckpt "
+        "<gkl run>/checkpoints/last.ckpt --eps 0 0.05 0.1 0.15 0.2 --n-examples 1000 "
+        "--autoattack apgd-ce,apgd-t --out docs/figures/fmnist_robustness.png",
+    ),
+    (
+        "architecture.md",
+        "python eval.py ckpt_path=... data=cifar10 model.name=wrn_34_10 eps=8/255",
+    ),
+    (
+        "reproduce.md",
+        "python eval.py ckpt_path=<run>/released.pth data=<cifar10|cifar100> "
+        "model.name=wrn_34_10 model.normalize=false hydra.run.dir=<run>/eval",
+    ),
+]
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(file name, command) for each evaluation command in README.md and docs/*.md: inline or in
+    a code block, continuation lines joined; mentions without arguments are not commands."""
+    found = []
+    for path in DOCS:
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            for match in COMMAND.finditer(line):
+                text, j = match.group(0).rstrip(), i
+                while text.endswith("\\"):
+                    j += 1
+                    text = text[:-1].rstrip() + " " + lines[j].split("  #")[0].strip()
+                args = text.split()[2 if text.startswith("python") else 1 :]
+                if any("=" in a or a.startswith(("--", "<", "...")) for a in args):
+                    found.append((path.name, " ".join(text.split())))
+    return found
+
+
+def test_the_list_of_documented_evaluation_commands_is_complete():
+    assert documented_commands() == DOCUMENTED
+
+
+def fake_run(root: Path, name: str, overrides: list[str]) -> tuple[Path, torch.nn.Module]:
+    """A run directory as train.py leaves it (config.yaml, checkpoints/last.ckpt, released.pth)
+    for the composed training config, with freshly initialised weights; and its classifier."""
+    from gkl.models.build import build_classifier
+
+    run_dir = root / name
+    cfg = compose_config(
+        "train.yaml", [f"paths.root_dir={root}", f"paths.output_dir={run_dir}", *overrides]
+    )
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    torch.manual_seed(0)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("_target_")
+    model = build_classifier(**model_cfg).eval()
+    lightning_checkpoint(run_dir / "checkpoints" / "last.ckpt", model.model.state_dict())
+    torch.save({"model": model.model.state_dict()}, run_dir / "released.pth")
+    return run_dir, model
+
+
+def fake_test_set(root: Path, dataset: str, model: torch.nn.Module, n: int = 8) -> None:
+    """A CIFAR test split in torchvision's format whose labels ``model`` gets all wrong: clean,
+    PGD and AutoAttack accuracy are 0 (a tie) and AutoAttack has nothing to attack, so the
+    commands on a WRN cost seconds."""
+    folder, file, key, classes = {
+        "cifar10": ("cifar-10-batches-py", "test_batch", "labels", 10),
+        "cifar100": ("cifar-100-python", "test", "fine_labels", 100),
+    }[dataset]
+    images = np.random.default_rng(0).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(images).float() / 255).argmax(1)
+    labels = ((predicted + 1) % classes).tolist()
+    (root / "data" / folder).mkdir(parents=True, exist_ok=True)
+    batch = {"data": images.reshape(n, -1), key: labels}
+    (root / "data" / folder / file).write_bytes(pickle.dumps(batch))
+
+
+@pytest.fixture(scope="module")
+def documented_setup(tmp_path_factory):
+    """Runs the documented commands refer to: CIFAR-10 and -100 GKL-AT runs (WRN-16-1 for
+    WRN-34-10, no normalisation, as the recipes), a CIFAR-10 TRADES run of another architecture
+    (an MLP), a bare weights file; fake CIFAR test sets (see fake_test_set)."""
+    root = tmp_path_factory.mktemp("documented")
+    wrn = ["model.name=wrn_16_1", "data.num_workers=0"]
+    runs = {}
+    for dataset in ("cifar10", "cifar100"):
+        runs[dataset], model = fake_run(
+            root, f"{dataset}_run", [f"+experiment={dataset}_gkl_at", *wrn]
+        )
+        fake_test_set(root, dataset, model)
+    runs["mlp"], _ = fake_run(
+        root,
+        "mlp_run",
+        ["+experiment=cifar10_trades", "data.num_workers=0", "model.name=fmnist_mlp"]
+        + ["+model.in_channels=3", "+model.image_size=32"],
+    )
+    (root / "bare.pth").write_bytes((runs["cifar10"] / "released.pth").read_bytes())
+    return root, runs
+
+
+CARD_FIELDS = dict(c.split("=", 1) for c in CARD)
+SMALL = ["batch_size=4", "pgd.steps=1", "autoattack.version=custom", "autoattack.attacks=[apgd-ce]"]
+
+
+def substitute(command: str, root: Path, runs: dict[str, Path]) -> tuple[str, list[str]]:
+    """The command's script and arguments with its placeholders filled in (``<run>``: the run of
+    its data set; ``...``: a value or the card fields), WRN-34-10 as WRN-16-1, smaller sizes."""
+    for name, path in (("<trades run>", runs["cifar10"]), ("<gkl run>", runs["mlp"])):
+        command = command.replace(name, str(path))
+    tokens = shlex.split(command.replace("<eval run>", "<eval_run>"))
+    tokens = tokens[1:] if tokens[0] == "python" else tokens
+    script, args = tokens[0], tokens[1:]
+    run_dir = runs["cifar100" if "data=cifar100" in command else "cifar10"]
+    filled = []
+    for arg in args:
+        arg = arg.replace("<run>", str(run_dir)).replace("<cifar10|cifar100>", "cifar10")
+        arg = arg.replace("wrn_34_10", "wrn_16_1")
+        key, _, value = arg.partition("=")
+        if arg == "...":
+            arg = f"ckpt_path={run_dir}/checkpoints/last.ckpt"
+        elif arg == "ckpt_path=...":
+            arg = f"ckpt_path={root / 'bare.pth'}"
+        elif key in CARD_FIELDS and (value == "..." or value.strip('"').startswith("<")):
+            arg = f"{key}={CARD_FIELDS[key]}"
+        elif key in ("n_examples", "hydra.run.dir"):
+            continue
+        filled.append(arg)
+    if any(a.startswith("card.id=") for a in filled):  # "card.id=...": the card's fields
+        given = {a.split("=", 1)[0] for a in filled}
+        filled += [f"{k}={v}" for k, v in CARD_FIELDS.items() if k not in given]
+    return script, filled
+
+
+@pytest.mark.parametrize(
+    ("doc", "command"), DOCUMENTED, ids=[f"{d}:{i}" for i, (d, _) in enumerate(DOCUMENTED)]
+)
+@pytest.mark.filterwarnings("ignore:pkg_resources is deprecated")
+def test_documented_evaluation_command(doc, command, documented_setup, tmp_path, monkeypatch):
+    """Each evaluation command of README.md and docs/ runs as written (placeholders filled in,
+    4 test images, custom AutoAttack APGD-CE: small sizes)."""
+    root, runs = documented_setup
+    script, args = substitute(command, root, runs)
+    out = [f"paths.root_dir={root}", f"paths.output_dir={tmp_path}", "++data.num_workers=0"]
+    if script == "eval.py":
+        if "backend=robustbench" in args:
+            from gkl.evaluate.robustbench_backend import fra31_installed, robustbench_available
+
+            if not (robustbench_available() and fra31_installed()):
+                pytest.skip("needs robustbench and fra31's autoattack")
+            sizes = ["n_examples=2", "batch_size=2"]  # RobustBench's protocol: standard AA
+        else:
+            sizes = ["n_examples=4", *SMALL]
+        if any(a.startswith("robustbench_model=") for a in args):
+            from gkl.evaluate import robustbench_backend
+
+            def zoo(name, **kwargs):  # offline: the CIFAR-10 run's network stands in
+                assert name == "Carmon2019Unlabeled" and kwargs["dataset"] == "cifar10"
+                released = f"ckpt_path={runs['cifar10']}/released.pth"
+                return load_model(compose_eval(tmp_path, [released]))[0]
+
+            monkeypatch.setattr(robustbench_backend, "load_zoo_model", zoo)
+        record = run(compose_config("eval.yaml", [*args, *out, *sizes]))
+        assert 0 <= record["autoattack_acc"] <= record["pgd_acc"] <= record["clean_acc"]
+        if any(a.startswith("card.id=") for a in args):
+            validate_model_card(json.loads(Path(record["model_card"]).read_text()))
+        if "export=robustbench" in args:
+            assert Path(record["export"]["weights"]).is_file()
+        return
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        module = __import__(Path(script).stem)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    if script.endswith("export_robustbench.py"):
+        evaluated = run(
+            compose_config(
+                "eval.yaml",
+                [f"ckpt_path={runs['cifar10']}/checkpoints/last.ckpt", *CARD, *out, "n_examples=4"]
+                + SMALL,
+            )
+        )
+        results = Path(evaluated["model_card"]).parents[3] / RESULTS_FILE
+        args = [a.replace("<eval_run>/results.json", str(results)) for a in args]
+        files = module.main([*args, "--out", str(tmp_path / "again")])
+        assert Path(files["weights"]).is_file()
+    else:  # robustness_curve.py: two runs of different architectures, fewer budgets
+        cut = args.index("--eps")
+        args = [*args[: cut + 1], "0", "0.1", *args[cut + 6 :]]
+        args = [
+            {"1000": "4", "apgd-ce,apgd-t": "apgd-ce"}.get(a, a)
+            for a in args
+            if a != "docs/figures/fmnist_robustness.png"
+        ]
+        args[args.index("--out")] = "--pgd-steps"
+        args += ["2", "--out", str(tmp_path / "curve.png")]
+        record = module.main(args)
+        assert list(record["curves"]) == [
+            f"cifar10_gkl_at ({runs['cifar10'].name})",
+            f"cifar10_trades ({runs['mlp'].name})",
+        ]
+        curves = record["curves"].values()
+        assert {c["architecture"] for c in curves} == {"wrn_16_1", "fmnist_mlp"}
+        assert all(c["trained_eps"] == pytest.approx(8 / 255) for c in curves)
+        assert (tmp_path / "curve.png").stat().st_size > 0

@@ -272,10 +272,10 @@ def run_autoattack(
         name = f"{attack} ({number}/{len(plan)})"
         session_start, seconds_before = time.perf_counter(), state.seconds
         log.info(
-            "AutoAttack %s: %d points robust so far to attack, %d done",
+            "AutoAttack %s: attacking the %d points still robust%s",
             name,
             len(state.queue),
-            state.done,
+            f" ({state.done} done before the resume)" if state.done else "",
         )
         while state.done < len(state.queue):
             idx = torch.tensor(state.queue[state.done : state.done + batch_size])
