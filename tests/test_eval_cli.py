@@ -934,3 +934,20 @@ def test_documented_evaluation_command(doc, command, documented_setup, tmp_path,
         assert {c["architecture"] for c in curves} == {"wrn_16_1", "fmnist_mlp"}
         assert all(c["trained_eps"] == pytest.approx(8 / 255) for c in curves)
         assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("version", "attacks", "note"),
+    [
+        ("rand", ["apgd-ce", "apgd-dlr"], "AutoAttack rand (apgd-ce, apgd-dlr), not standard."),
+        ("rand", [], "AutoAttack rand, not standard."),
+        ("standard", ["apgd-ce", "apgd-t", "fab-t", "square"], None),
+    ],
+)
+def test_footnote_names_the_attacks_without_empty_brackets(tmp_path, version, attacks, note):
+    from gkl.attacks import ThreatModel
+    from gkl.evaluate.run import protocol_notes
+
+    cfg = compose_eval(tmp_path, ["ckpt_path=x", f"autoattack.version={version}"])
+    notes = protocol_notes(cfg, "cifar10", 10000, attacks, ThreatModel(8 / 255))
+    assert notes == ([note] if note else [])
