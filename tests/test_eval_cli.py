@@ -951,3 +951,23 @@ def test_footnote_names_the_attacks_without_empty_brackets(tmp_path, version, at
     cfg = compose_eval(tmp_path, ["ckpt_path=x", f"autoattack.version={version}"])
     notes = protocol_notes(cfg, "cifar10", 10000, attacks, ThreatModel(8 / 255))
     assert notes == ([note] if note else [])
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json", "is not JSON"),
+        ("[1, 2]", "holds a list, not eval.py's results record"),
+        ('{"eps": "8/255"}', "is not eval.py's results.json (no model_card"),
+    ],
+)
+def test_export_robustbench_names_a_results_file_it_cannot_use(tmp_path, content, message):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import export_robustbench
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    results = tmp_path / "results.json"
+    results.write_text(content)
+    with pytest.raises(SystemExit, match=rf"error: {re.escape(str(results))} {re.escape(message)}"):
+        export_robustbench.main([str(results)])
