@@ -971,3 +971,25 @@ def test_export_robustbench_names_a_results_file_it_cannot_use(tmp_path, content
     results.write_text(content)
     with pytest.raises(SystemExit, match=rf"error: {re.escape(str(results))} {re.escape(message)}"):
         export_robustbench.main([str(results)])
+
+
+def test_fra31_backend_through_eval(tmp_path):
+    """backend=fra31 on the same images as backend=gkl: fra31's own package where installed
+    (the same robust count and per-attack accuracies), else a clear install message."""
+    from gkl.evaluate.robustbench_backend import fra31_installed
+
+    fake_cifar10(tmp_path)
+    checkpoint = save_network(tmp_path / "net.pth")
+    reference = run(compose_eval(tmp_path, cheap(checkpoint, n=48)))
+    assert reference["counts"]["autoattack"] < reference["counts"]["clean"]  # a real attack
+    cfg = compose_eval(tmp_path, [*cheap(checkpoint, n=48), "backend=fra31"])
+    if not fra31_installed():
+        with pytest.raises(ModuleNotFoundError, match="install_robustbench.sh"):
+            run(cfg)
+        return
+    record = run(cfg)
+    assert record["counts"] == reference["counts"]
+    assert record["autoattack_implementation"].startswith("autoattack ")
+    ours = [(a["attack"], round(a["robust_acc"], 4)) for a in reference["autoattack_per_attack"]]
+    assert [(a["attack"], a["robust_acc"]) for a in record["autoattack_per_attack"]] == ours
+    assert (tmp_path / "run" / "autoattack_fra31.log").is_file()

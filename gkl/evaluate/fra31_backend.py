@@ -76,7 +76,8 @@ def fra31_autoattack(
 ) -> dict[str, Any]:
     """fra31's AutoAttack ``version`` (``attacks`` with ``version="custom"``) on ``x`` (inputs in
     [0, 1], already protocol-checked): the robust count, the per-attack breakdown from fra31's
-    log (``log_path``), the wall time and the package's version."""
+    log (``log_path``; ``skipped`` for attacks fra31 did not run because no point was left),
+    the wall time and the package's version."""
     module = import_fra31()
     device = model_device(model)
     log_path = Path(log_path)
@@ -103,6 +104,10 @@ def fra31_autoattack(
         {"attack": m["attack"].lower(), "robust_acc": float(m["acc"]) / 100}
         for m in _AFTER.finditer(log_path.read_text() if log_path.is_file() else "")
     ]
+    # fra31 stops (and logs nothing more) once no point is left: those attacks leave robust / n.
+    plan = [a.lower() for a in getattr(adversary, "attacks_to_run", [])]
+    for attack in plan[len(per_attack) :]:
+        per_attack.append({"attack": attack, "robust_acc": robust / len(y), "skipped": True})
     for entry in per_attack:
         log.info(
             "fra31 AutoAttack: robust accuracy %.2f%% after %s",
