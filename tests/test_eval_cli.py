@@ -664,7 +664,7 @@ def test_eps_and_norm_default_to_the_runs_threat_model(tmp_path, caplog):
         ],
     )
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "validating on the TEST set" during eval
+        warnings.filterwarnings("error", message=".*validating on the TEST set")  # not in eval
         record = run(compose_eval(tmp_path, [f"ckpt_path={checkpoint}", "n_examples=8", *AA_CHEAP]))
     assert (record["eps"], record["eps_value"], record["threat_model"]) == ("0.1", 0.1, "Linf")
     assert record["threat_model_source"] == {"eps": "run", "norm": "run"}
