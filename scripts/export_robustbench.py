@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from gkl.config import compose_config
-from gkl.evaluate.export import export_robustbench
+from gkl.evaluate.export import export_robustbench, read_results
 from gkl.evaluate.run import build_model, read_source, resolve_config
 
 
@@ -29,12 +29,10 @@ def main(argv: list[str]) -> dict[str, str]:
     parser.add_argument("results", type=Path, help="results.json written by eval.py")
     parser.add_argument("--out", type=Path, default=None, help="default: beside results.json")
     args = parser.parse_args(argv)
-    record = json.loads(args.results.read_text())
-    if not record.get("model_card") or not record.get("checkpoint"):
-        raise SystemExit(
-            f"{args.results} has no model card or no checkpoint: run eval.py with card.id=... "
-            "on the checkpoint first (a RobustBench zoo model cannot be exported)"
-        )
+    try:
+        record = read_results(args.results)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     card_path = Path(record["model_card"])
     weights = record["weights"] if record["weights"] in ("ema", "model") else "auto"
     cfg = compose_config(

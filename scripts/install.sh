@@ -11,8 +11,8 @@ python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q -e ".[dev,sweep,rl]"
 # Independent PGD reference for the attack tests; its metadata pins an old requests, so no deps.
 "$venv/bin/python" -m pip install -q --no-deps torchattacks==3.5.1
-# robustbench 1.1 (its pins skipped; `autoattack` is served by gkl's pyautoattack shim), so the
-# RobustBench backend, export and ImageNet-protocol tests run instead of skipping.
+# robustbench 1.1 (its pins skipped) and fra31's `autoattack`, so the RobustBench and fra31
+# backends, export and ImageNet-protocol tests run instead of skipping.
 bash scripts/install_robustbench.sh "$venv/bin/python"
 
 fmnist=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz

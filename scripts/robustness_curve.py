@@ -1,31 +1,27 @@
-"""Accuracy against the perturbation budget for one or more checkpoints (PGD, optional AutoAttack).
+"""Accuracy (%) against the perturbation budget for one or more runs (PGD, optional AutoAttack).
 
     python scripts/robustness_curve.py \
-        --ckpt logs/.../fmnist_trades/checkpoints/last.ckpt --label TRADES \
-        --ckpt logs/.../fmnist_gkl_at/checkpoints/last.ckpt --label GKL-AT \
+        --ckpt logs/.../fmnist_trades/runs/<time>/checkpoints/last.ckpt \
+        --ckpt logs/.../fmnist_gkl_at/runs/<time>/checkpoints/last.ckpt \
         --eps 0 0.05 0.1 0.15 0.2 --n-examples 1000 --autoattack apgd-ce,apgd-t \
-        --out docs/figures/fmnist_robustness.png -- data=fmnist model.name=fmnist_cnn_at
+        --out docs/figures/fmnist_robustness.png
 
-Everything after ``--`` is a Hydra override of ``conf/eval.yaml`` (data set, architecture, norm,
-batch size, ``weights``). ``eps = 0`` is the clean accuracy. Writes the PNG and, next to it, a
-JSON file with the numbers. Accuracies are on the first ``--n-examples`` test images.
+Each checkpoint is read as eval.py reads it: architecture, data set, normalisation and training
+eps come from its run's config.yaml (runs of different architectures are fine; they must share
+the data set). Curves are labelled by run name (``--label`` to rename) and marked at the eps the
+run trained against; progress is printed per run and budget. Everything after ``--`` is a Hydra
+override of ``conf/eval.yaml`` for every run (``data=... model.name=...`` for a bare weights
+file). Writes the PNG and, next to it, a JSON file with the numbers (``gkl.evaluate.curve``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import sys
 from pathlib import Path
 
-import torch
-from matplotlib.figure import Figure
-
-from gkl.attacks import ThreatModel
-from gkl.config import compose_config
-from gkl.data.build import build_datamodule
-from gkl.evaluate import autoattack_accuracy, clean_accuracy, pgd_accuracy
-from gkl.evaluate.run import load_model, test_tensors
+from gkl.evaluate.curve import robustness_curve, write_curve
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -37,6 +33,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--ckpt", action="append", required=True, help="checkpoint (repeatable)")
     parser.add_argument("--label", action="append", help="legend label per --ckpt")
     parser.add_argument("--eps", nargs="+", required=True, help="budgets, e.g. 0 2/255 8/255")
+    parser.add_argument("--norm", default=None, help="Linf | L2 (default: the first run's)")
     parser.add_argument("--n-examples", type=int, default=1000)
     parser.add_argument("--pgd-steps", type=int, default=20)
     parser.add_argument(
@@ -50,79 +47,25 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
-def curve(args: argparse.Namespace, overrides: list[str]) -> dict:
-    """``{label: {"eps": [...], "pgd": [...], "autoattack": [...]}}`` on the same test images."""
-    cfg = compose_config(
-        "eval.yaml",
-        [f"ckpt_path={args.ckpt[0]}", f"paths.output_dir={args.out.parent}", *overrides],
-    )
-    budgets = [ThreatModel.parse(e, norm=cfg.norm).eps for e in args.eps]
-    x, y = test_tensors(build_datamodule(cfg.data), args.n_examples)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    attacks = [a for a in args.autoattack.split(",") if a]
-    results = {}
-    for ckpt, label in zip(args.ckpt, args.label or args.ckpt, strict=True):
-        model = load_model(cfg.model, ckpt, cfg.weights).to(device)
-        pgd, aa = accuracies(model, x, y, budgets, attacks, args, cfg)
-        results[label] = {
-            "checkpoint": str(ckpt),
-            "eps": budgets,
-            "pgd": pgd,
-            "autoattack": aa if attacks else None,
-        }
-    return {
-        "n_examples": len(y),
-        "norm": cfg.norm,
-        "pgd_steps": args.pgd_steps,
-        "autoattack_attacks": attacks,
-        "curves": results,
-    }
-
-
-def accuracies(model, x, y, budgets, attacks, args, cfg) -> tuple[list[float], list[float]]:
-    """PGD and AutoAttack accuracy per budget (both are the clean accuracy at eps = 0)."""
-    pgd, aa = [], []
-    for eps in budgets:
-        if eps == 0:
-            clean = clean_accuracy(model, x, y, cfg.batch_size)
-            pgd.append(clean)
-            aa.append(clean)
-            continue
-        common = {"eps": eps, "norm": cfg.norm, "batch_size": cfg.batch_size, "seed": args.seed}
-        pgd.append(pgd_accuracy(model, x, y, steps=args.pgd_steps, **common))
-        if attacks:
-            aa.append(autoattack_accuracy(model, x, y, version="custom", attacks=attacks, **common))
-        print(f"eps={eps:.4g}: PGD-{args.pgd_steps} {pgd[-1]:.4f}", flush=True)
-    return pgd, aa
-
-
-def plot(record: dict, out: Path) -> None:
-    fig = Figure(figsize=(5.5, 4))
-    ax = fig.subplots()
-    for label, c in record["curves"].items():
-        line = ax.plot(c["eps"], c["pgd"], "o-", label=f"{label} PGD-{record['pgd_steps']}")[0]
-        if c["autoattack"]:
-            attacks = "+".join(record["autoattack_attacks"])
-            ax.plot(
-                c["eps"], c["autoattack"], "s--", color=line.get_color(), label=f"{label} {attacks}"
-            )
-    ax.set_xlabel(f"eps ({record['norm']})")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.set_title(f"first {record['n_examples']} test images")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-
-
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> dict:
     args, overrides = parse_args(argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = curve(args, overrides)
-    plot(record, args.out)
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
+    logging.basicConfig(
+        level=logging.INFO, format="[%(asctime)s] %(message)s", stream=sys.stdout, force=True
+    )
+    record = robustness_curve(
+        args.ckpt,
+        args.eps,
+        labels=args.label,
+        norm=args.norm,
+        n_examples=args.n_examples,
+        pgd_steps=args.pgd_steps,
+        attacks=[a for a in args.autoattack.split(",") if a],
+        seed=args.seed,
+        overrides=overrides,
+    )
+    png, numbers = write_curve(record, args.out)
+    print(f"wrote {png} and {numbers}")
+    return record
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import copy
 import json
 import re
 import sys
+import types
 
 import pyautoattack.state
 import pytest
@@ -22,6 +23,7 @@ from gkl.evaluate import (
     pgd_accuracy,
     run_autoattack,
     validate_model_card,
+    verdict,
     write_model_card,
 )
 from gkl.evaluate.model_card import CARD_FIELDS
@@ -160,6 +162,10 @@ def test_autoattack_resumes_after_kill_with_identical_results(digits, tmp_path):
     assert resumed.robust_accuracy == reference.robust_accuracy
     assert resumed.clean_accuracy == reference.clean_accuracy
     assert resumed_model.calls < full_cost  # finished batches were not recomputed
+    # The per-attack breakdown survives the kill: the same counts as the uninterrupted run.
+    counts = [(a["attack"], a["robust"]) for a in reference.per_attack]
+    assert [(a["attack"], a["robust"]) for a in resumed.per_attack] == counts
+    assert counts[-1][1] == int(reference.robust.sum()) and counts[0][1] >= counts[-1][1]
     assert json.loads(state_path.read_text())["finished"] == ["apgd-ce", "apgd-dlr"]
 
     finished_model = CountingModel(model).eval()
@@ -178,6 +184,12 @@ def test_autoattack_resumes_after_kill_with_identical_results(digits, tmp_path):
         other[1].weight.mul_(1.01)
     with pytest.raises(ValueError, match=rf"another model.*Delete {re.escape(str(state_path))}"):
         run_autoattack(CountingModel(other).eval(), x, y, **kwargs, state_path=state_path)
+    # The refusal gives each differing value in full (64 hex digits each), not cut at 80 chars.
+    tag = {"checkpoint_sha256": "a" * 64, "weights": "ema"}
+    with pytest.raises(ValueError) as refused:
+        run_autoattack(same, x, y, **kwargs, state_path=state_path, tag=tag)
+    assert f"tag.checkpoint_sha256: None in the state vs {'a' * 64!r} now" in str(refused.value)
+    assert "tag.weights: None in the state vs 'ema' now" in str(refused.value)
 
 
 def test_pyautoattack_native_resume_is_still_broken(digits, tmp_path):
@@ -195,7 +207,7 @@ def test_pyautoattack_native_resume_is_still_broken(digits, tmp_path):
 def test_autoattack_compat_shim(digits):
     model, x, y = digits
     x, y = x[:16], y[:16]
-    assert "autoattack" not in sys.modules
+    before = {name: sys.modules.get(name) for name in ("autoattack", "autoattack.state")}
     with autoattack_compat.installed():
         from autoattack import AutoAttack as FraAutoAttack
         from autoattack.state import EvaluationState
@@ -206,7 +218,7 @@ def test_autoattack_compat_shim(digits):
         )
         adversary.attacks_to_run = ["apgd-ce"]
         x_adv, y_adv = adversary.run_standard_evaluation(x, y, bs=8, return_labels=True)
-    assert "autoattack" not in sys.modules and "autoattack.state" not in sys.modules
+    assert {name: sys.modules.get(name) for name in before} == before  # put back
     expected = run_autoattack(
         model, x, y, eps=16 / 255, version="custom", attacks=["apgd-ce"], batch_size=8, seed=0
     )
@@ -214,6 +226,75 @@ def test_autoattack_compat_shim(digits):
     assert torch.equal(y_adv == y, expected.robust)
     with pytest.raises(NotImplementedError):
         autoattack_compat.AutoAttack(model, log_path="aa.log")
+
+
+# ---------------------------------------------------------------- progress, verdict
+
+
+def test_autoattack_logs_a_progress_line_per_attack_and_batch(digits, caplog):
+    """One line per batch (attack, points done, robust so far, elapsed, ETA) and one per
+    finished attack; the per-attack counts agree with an independent recount on x_adv."""
+    model, x, y = digits
+    x, y = x[:24], y[:24]
+    with caplog.at_level("INFO", logger="gkl.evaluate.autoattack_runner"):
+        result = run_autoattack(
+            model,
+            x,
+            y,
+            eps=16 / 255,
+            version="custom",
+            attacks=["apgd-ce", "apgd-dlr"],
+            batch_size=8,
+            seed=0,
+        )
+    lines = [r.getMessage() for r in caplog.records]
+    clean = int((model(x).argmax(1) == y).sum())
+    pattern = re.compile(
+        r"AutoAttack apgd-ce \(1/2\): (\d+)/(\d+) points \| robust so far (\d+)/24 "
+        r"\([\d.]+%\) \| [\d.]+ s elapsed, ETA [\d.]+ s"
+    )
+    batches = [
+        pattern.fullmatch(line)
+        for line in lines
+        if line.startswith("AutoAttack apgd-ce (1/2): ") and "points |" in line
+    ]
+    assert all(batches) and len(batches) == -(-clean // 8)  # ceil(clean / 8) batches
+    assert [int(m[1]) for m in batches] == [min(8 * (i + 1), clean) for i in range(len(batches))]
+    assert all(int(m[2]) == clean for m in batches)
+    after = [a["robust"] for a in result.per_attack]
+    assert [a["attack"] for a in result.per_attack] == ["apgd-ce", "apgd-dlr"]
+    assert clean >= after[0] >= after[1] == int(result.robust.sum())
+    assert int((model(result.x_adv).argmax(1) == y).sum()) == after[1]
+    assert sum("done: robust accuracy" in line for line in lines) == 2
+
+
+@pytest.mark.parametrize(
+    ("counts", "order", "masking"),
+    [
+        ((73, 31, 31), False, False),  # the tie of issue 22: consistent, not a violation
+        ((31, 31, 31), False, False),
+        ((30, 31, 31), True, False),
+        ((73, 31, 32), True, False),
+        ((73, 42, 31), False, True),  # 11 points > 10
+        ((73, 41, 31), False, False),  # exactly 10 points: not more than the threshold
+    ],
+)
+def test_verdict_compares_counts(counts, order, masking, recwarn):
+    result = verdict(*counts, 100, 0.10)
+    assert result["order_violation"] is order and result["gradient_masking"] is masking
+    assert result["unreliable"] is (order or masking) and len(recwarn) == order + masking
+
+
+def test_verdict_tie_is_consistent_where_float32_and_float64_fractions_differ():
+    """31/100 as a float32 mean (AutoAttack's tensor mean) exceeds 31/100 in float64 (PGD's
+    division): comparing those fractions called the tie a violation; the counts do not."""
+    float32 = torch.tensor([True] * 31 + [False] * 69).float().mean().item()
+    assert float32 > 31 / 100  # the float comparison that went wrong
+    assert not verdict(73, 31, 31, 100, 0.10)["unreliable"]
+    with pytest.raises(ValueError, match="counts"):
+        verdict(0.73, 0.31, 0.31, 100, 0.10)
+    with pytest.raises(ValueError, match="masking_threshold=-1"):
+        verdict(73, 31, 31, 100, -1)
 
 
 # ---------------------------------------------------------------- evaluate()
@@ -392,9 +473,99 @@ def test_robustbench_backend_offline(digits, monkeypatch):
         y_test=y,
         batch_size=16,
         data_dir="/nonexistent",
+        autoattack="shim",
     )
     assert clean == pytest.approx(clean_accuracy(model, x[:16], y[:16]))
     assert len(seen) == 1 and seen[0].robust.shape == (16,)
     assert robust == pytest.approx(seen[0].robust_accuracy)
     assert robust < clean
-    assert "autoattack" not in sys.modules
+    import robustbench.eval
+
+    assert robustbench.eval.AutoAttack is not autoattack_compat.AutoAttack  # put back
+
+
+# ---------------------------------------------------------------- fra31's autoattack
+
+
+def fra31_stand_in(calls: list) -> types.ModuleType:
+    """A module with fra31's ``AutoAttack`` API (constructor keywords, ``attacks_to_run``,
+    ``run_standard_evaluation(x, y, bs=)`` returning x_adv, its "robust accuracy after X" log
+    lines in ``log_path``) whose only attack shifts every input by eps towards 1."""
+    module = types.ModuleType("autoattack")
+
+    class AutoAttack:
+        def __init__(self, model, norm="Linf", eps=0.3, seed=None, verbose=True,
+                     attacks_to_run=(), version="standard", is_tf_model=False, device="cuda",
+                     log_path=None):  # fmt: skip
+            calls.append({"norm": norm, "eps": eps, "seed": seed, "version": version,
+                          "attacks_to_run": list(attacks_to_run),
+                          "log_path": log_path})  # fmt: skip
+            self.model, self.eps, self.log_path = model, eps, log_path
+
+        def run_standard_evaluation(self, x_orig, y_orig, bs=250, return_labels=False,
+                                    state_path=None):  # fmt: skip
+            x_adv = (x_orig + self.eps).clamp(0, 1)
+            acc = (self.model(x_adv).argmax(1) == y_orig).float().mean().item()
+            with open(self.log_path, "a") as log:
+                log.write(f"initial accuracy: 99.00%\nrobust accuracy after APGD-CE: {acc:.2%}"
+                          " (total time 0.1 s)\n")  # fmt: skip
+            return x_adv
+
+    module.AutoAttack = AutoAttack
+    return module
+
+
+def test_fra31_backend_calls_fra31s_api_and_never_the_shim(digits, tmp_path, monkeypatch):
+    from gkl.evaluate.fra31_backend import fra31_autoattack, import_fra31
+
+    model, x, y = digits
+    x, y = x[:32], y[:32]
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "autoattack", fra31_stand_in(calls))
+    out = fra31_autoattack(
+        model, x, y, eps=16 / 255, norm="Linf", version="custom", attacks=["apgd-ce"],
+        batch_size=8, seed=3, log_path=tmp_path / "fra31.log",
+    )  # fmt: skip
+    assert calls == [
+        {"norm": "Linf", "eps": 16 / 255, "seed": 3, "version": "custom",
+         "attacks_to_run": ["apgd-ce"], "log_path": str(tmp_path / "fra31.log")}
+    ]  # fmt: skip
+    expected = int((model((x + 16 / 255).clamp(0, 1)).argmax(1) == y).sum())
+    assert out["robust"] == expected
+    assert out["per_attack"] == [{"attack": "apgd-ce", "robust_acc": round(expected / 32, 4)}]
+    # the shim under fra31's name is refused
+    with autoattack_compat.installed(), pytest.raises(ModuleNotFoundError, match="gkl's shim"):
+        import_fra31()
+    monkeypatch.setitem(sys.modules, "autoattack", None)  # not installed
+    with pytest.raises(ModuleNotFoundError, match="install_robustbench.sh"):
+        import_fra31()
+
+
+def _fra31_installed() -> bool:
+    from gkl.evaluate.robustbench_backend import fra31_installed
+
+    return fra31_installed()
+
+
+@pytest.mark.skipif(not _fra31_installed(), reason="fra31's autoattack not installed")
+def test_fra31_package_gives_gkls_per_point_result(digits, tmp_path):
+    """fra31's own APGD-CE and APGD-T (its package, not the shim) leave exactly the points
+    standing that gkl's runner (pyautoattack) leaves, with the same seed."""
+    from gkl.evaluate.fra31_backend import fra31_autoattack, import_fra31
+
+    assert "pyautoattack" not in import_fra31().__file__
+    model, x, y = digits
+    x, y = x[:32], y[:32]
+    attacks = ["apgd-ce", "apgd-t"]
+    ours = run_autoattack(
+        model, x, y, eps=16 / 255, version="custom", attacks=attacks, batch_size=32, seed=0
+    )
+    theirs = fra31_autoattack(
+        model, x, y, eps=16 / 255, norm="Linf", version="custom", attacks=attacks,
+        batch_size=32, seed=0, log_path=tmp_path / "fra31.log",
+    )  # fmt: skip
+    assert theirs["robust"] == int(ours.robust.sum())
+    assert [a["attack"] for a in theirs["per_attack"]] == attacks
+    assert [a["robust_acc"] for a in theirs["per_attack"]] == [
+        round(a["robust"] / 32, 4) for a in ours.per_attack
+    ]

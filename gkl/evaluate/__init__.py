@@ -1,8 +1,9 @@
 """Robustness evaluation: protocol checks, clean/PGD/AutoAttack accuracy, RobustBench cards.
 
-``gkl.evaluate.autoattack_compat`` (fra31 ``autoattack`` stand-in), ``gkl.evaluate.export``
-(RobustBench submission files) and ``gkl.evaluate.robustbench_backend`` (optional robustbench
-1.1) are imported on demand.
+``gkl.evaluate.autoattack_compat`` (a pyautoattack stand-in for fra31's ``autoattack``),
+``gkl.evaluate.fra31_backend`` (fra31's own package, optional), ``gkl.evaluate.export``
+(RobustBench submission files), ``gkl.evaluate.robustbench_backend`` (optional robustbench 1.1)
+and ``gkl.evaluate.curve`` (accuracy against eps for several runs) are imported on demand.
 """
 
 from gkl.evaluate.autoattack_runner import (

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +31,10 @@ from gkl.io import atomic_write_text
 
 ATTACKS: tuple[str, ...] = get_args(AttackName)
 VERSIONS = ("standard", "plus", "rand", "custom")
-STATE_FORMAT = "gkl-autoattack-state/2"
+STATE_FORMAT = "gkl-autoattack-state/3"
 # Config keys that identify the model; a mismatch on them is reported as "another model".
 MODEL_KEYS = ("model_sha256", "tag")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ class AutoAttackResult:
     ``robust[i]``: x_i is classified correctly and no attack fooled it. ``x_adv`` holds the
     adversarial inputs found by this call and the clean inputs elsewhere (after a resume, points
     fooled before the interruption keep their clean input, as in fra31's AutoAttack).
+    ``per_attack``: for each attack in the order run, the points still robust after it
+    (``robust``, of ``n``), as a fraction (``robust_acc``) and its wall time (``seconds``,
+    summed over resumed sessions) - what AutoAttack's own log prints after each attack.
     """
 
     clean_accuracy: float
@@ -48,6 +54,7 @@ class AutoAttackResult:
     robust: Tensor
     x_adv: Tensor
     resumed: bool
+    per_attack: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -62,6 +69,8 @@ class _State:
     attack: str | None = None
     queue: list[int] = field(default_factory=list)
     done: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0  # time spent on the running attack so far (earlier sessions included)
 
     def save(self, path: Path | None) -> None:
         """Write atomically (temp file + rename), so a kill never leaves a truncated state."""
@@ -76,6 +85,8 @@ class _State:
             "attack": self.attack,
             "queue": self.queue,
             "done": self.done,
+            "history": self.history,
+            "seconds": self.seconds,
         }
         atomic_write_text(path, json.dumps(record))
 
@@ -103,9 +114,8 @@ class _State:
                 if set(differs) & set(MODEL_KEYS)
                 else "a different evaluation"
             )
-            diffs = ", ".join(
-                f"{key}: {_short(stored.get(key))} in the state vs {_short(config[key])} now"
-                for key in differs
+            diffs = "; ".join(
+                line for key in differs for line in _differences(key, stored.get(key), config[key])
             )
             raise ValueError(
                 f"AutoAttack state {path} was written for {what} ({diffs}); resuming would "
@@ -120,12 +130,22 @@ class _State:
             attack=record["attack"],
             queue=record["queue"],
             done=record["done"],
+            history=record["history"],
+            seconds=record["seconds"],
         )
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+def _differences(key: str, stored: Any, now: Any) -> list[str]:
+    """Every differing value in full (``tag.checkpoint_sha256: '...' in the state vs '...' now``),
+    descending into dictionaries so that equal entries are left out."""
+    if isinstance(stored, Mapping) and isinstance(now, Mapping):
+        return [
+            line
+            for sub in sorted(set(stored) | set(now), key=str)
+            if stored.get(sub) != now.get(sub)
+            for line in _differences(f"{key}.{sub}", stored.get(sub), now.get(sub))
+        ]
+    return [f"{key}: {stored!r} in the state vs {now!r} now"]
 
 
 def _tensor_bytes(t: Tensor) -> bytes:
@@ -236,14 +256,27 @@ def run_autoattack(
         state.save(path)
 
     x_adv = x.clone()
-    for attack in plan:
+    n = len(x)
+    if resumed:
+        log.info(
+            "AutoAttack: resuming from %s (finished: %s)", path, ", ".join(state.finished) or "none"
+        )
+    for number, attack in enumerate(plan, 1):
         if attack in state.finished:
             continue
         if state.attack != attack:
-            state.attack, state.done = attack, 0
+            state.attack, state.done, state.seconds = attack, 0, 0.0
             state.queue = state.robust.nonzero().flatten().tolist()
             state.save(path)
         adversary.attacks_to_run = [attack]
+        name = f"{attack} ({number}/{len(plan)})"
+        session_start, seconds_before = time.perf_counter(), state.seconds
+        log.info(
+            "AutoAttack %s: attacking the %d points still robust%s",
+            name,
+            len(state.queue),
+            f" ({state.done} done before the resume)" if state.done else "",
+        )
         while state.done < len(state.queue):
             idx = torch.tensor(state.queue[state.done : state.done + batch_size])
             xb, yb = x[idx.to(x.device)], y[idx.to(y.device)]
@@ -252,9 +285,24 @@ def run_autoattack(
             state.robust[idx[fooled]] = False
             x_adv[idx[fooled].to(x.device)] = xb_adv[fooled.to(xb_adv.device)]
             state.done += len(idx)
+            state.seconds = seconds_before + time.perf_counter() - session_start
             state.save(path)
+            log.info(progress_line(name, state.done, len(state.queue), state, n))
+        robust = int(state.robust.sum())
+        state.history.append(
+            {"attack": attack, "robust": robust, "robust_acc": robust / n, "seconds": state.seconds}
+        )
+        log.info(
+            "AutoAttack %s done: robust accuracy %.2f%% (%d/%d) after %s, %.1f s",
+            name,
+            100 * robust / n,
+            robust,
+            n,
+            attack,
+            state.seconds,
+        )
         state.finished.append(attack)
-        state.attack, state.queue, state.done = None, [], 0
+        state.attack, state.queue, state.done, state.seconds = None, [], 0, 0.0
         state.save(path)
 
     return AutoAttackResult(
@@ -263,6 +311,19 @@ def run_autoattack(
         robust=state.robust,
         x_adv=x_adv,
         resumed=resumed,
+        per_attack=list(state.history),
+    )
+
+
+def progress_line(name: str, done: int, total: int, state: _State, n: int) -> str:
+    """``AutoAttack apgd-t (2/4): 64/73 points | robust so far 31/100 (31.00%) | 12.3 s elapsed,
+    ETA 1.5 s``: the running attack, its points attacked of those robust when it started, the
+    points robust now, its wall time and the time left at its rate so far."""
+    robust = int(state.robust.sum())
+    eta = state.seconds / done * (total - done) if done else float("nan")
+    return (
+        f"AutoAttack {name}: {done}/{total} points | robust so far {robust}/{n} "
+        f"({100 * robust / n:.2f}%) | {state.seconds:.1f} s elapsed, ETA {eta:.1f} s"
     )
 
 

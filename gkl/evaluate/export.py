@@ -4,6 +4,7 @@ RobustBench's architecture, the model card, and the model-zoo entry of the pull 
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -127,3 +128,31 @@ def verify_robustbench_weights(model: nn.Module, weights: Path, kwargs: dict[str
             f"gkl's (max |diff| {float((ours - theirs).abs().max()):.3g})"
         )
     return True
+
+
+RESULT_KEYS = ("model_card", "checkpoint", "checkpoint_sha256", "weights", "architecture")
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """eval.py's ``results.json`` at ``path``, checked for what an export needs (an evaluated
+    checkpoint with a model card); every problem is a ``ValueError`` naming the file."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"{path} is not JSON ({error}): give the results.json that eval.py wrote"
+        ) from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} holds a {type(record).__name__}, not eval.py's results record")
+    missing = [key for key in RESULT_KEYS if key not in record]
+    if missing:
+        raise ValueError(f"{path} is not eval.py's results.json (no {', '.join(missing)})")
+    if not record["model_card"] or not record["checkpoint"]:
+        raise ValueError(
+            f"{path} has no model card or no checkpoint: run eval.py with card.id=... on the "
+            "checkpoint first (a RobustBench zoo model cannot be exported)"
+        )
+    return record

@@ -1,7 +1,13 @@
-"""Run ``robustbench.eval.benchmark`` (robustbench 1.1, optional) on pyautoattack, and load
-RobustBench zoo models by name.
+"""Run ``robustbench.eval.benchmark`` (robustbench 1.1, optional), and load RobustBench zoo
+models by name.
 
-Install robustbench with ``scripts/install_robustbench.sh``. Its ``aa_state_path`` resume is not
+``benchmark`` imports fra31's ``autoattack`` package. ``autoattack="fra31"`` (eval.py's
+``backend=robustbench``) runs it with that real package and refuses to run without it: an
+independent cross-check of gkl's runner. ``autoattack="shim"`` (``backend=robustbench_shim``)
+serves the import with :mod:`gkl.evaluate.autoattack_compat` (pyautoattack through gkl's runner):
+not independent, for machines without fra31's package.
+
+Install both with ``scripts/install_robustbench.sh``. Its ``aa_state_path`` resume is not
 exposed: robustbench 1.1 reads the state back with ``EvaluationState.from_disk`` and calls
 ``.mean()`` on a bool tensor, which torch rejects; use :func:`gkl.evaluate.run_autoattack` with
 ``state_path`` for resumable evaluations.
@@ -25,10 +31,16 @@ from gkl.evaluate.protocol import (
     model_device,
 )
 
+AUTOATTACKS = ("fra31", "shim")
+
 
 def _import_robustbench(module: str):
-    """``robustbench.<module>``, imported with the ``autoattack`` -> pyautoattack shim in place."""
-    with autoattack_compat.installed():
+    """``robustbench.<module>``. Where fra31's ``autoattack`` is not installed, the import is
+    made with the shim in place (robustbench imports ``autoattack`` at module level);
+    :func:`robustbench_benchmark` decides which AutoAttack ``benchmark`` then calls."""
+    with ExitStack() as stack:
+        if not fra31_installed():
+            stack.enter_context(autoattack_compat.installed())
         try:
             return importlib.import_module(f"robustbench.{module}")
         except ModuleNotFoundError as error:
@@ -37,9 +49,21 @@ def _import_robustbench(module: str):
             ) from error
 
 
+def fra31_installed() -> bool:
+    """True when ``import autoattack`` finds a package that is not gkl's shim (fra31's
+    ``autoattack``, from GitHub: scripts/install_robustbench.sh installs it)."""
+    from gkl.evaluate.fra31_backend import import_fra31
+
+    try:
+        import_fra31()
+    except ModuleNotFoundError:
+        return False
+    return True
+
+
 def robustbench_available() -> bool:
     """True when robustbench 1.1 and its dependencies import (an empty namespace does not
-    count), with the ``autoattack`` -> pyautoattack shim in place as this module uses it."""
+    count); its ``autoattack`` import served by the shim where fra31's package is missing."""
     try:
         _import_robustbench("eval")
     except Exception:
@@ -99,6 +123,17 @@ def _local_test_set(dataset: str, x: Tensor, y: Tensor) -> Iterator[None]:
         loaders[key] = saved
 
 
+@contextmanager
+def _attribute(owner: object, name: str, value: object) -> Iterator[None]:
+    """Set ``owner.name = value`` while active, put back afterwards."""
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
+
+
 def robustbench_benchmark(
     model: nn.Module,
     *,
@@ -113,12 +148,14 @@ def robustbench_benchmark(
     device: str | torch.device | None = None,
     data_dir: str = "./data",
     preprocessing: str | None = None,
+    autoattack: str = "fra31",
 ) -> tuple[float, float]:
     """(clean accuracy, AutoAttack-standard accuracy) from ``robustbench.eval.benchmark``.
 
-    RobustBench's ``benchmark`` runs with its ``autoattack`` import served by
-    :mod:`gkl.evaluate.autoattack_compat`, i.e. pyautoattack (same algorithm and numbers as
-    fra31's package), seeded with ``seed`` (robustbench itself passes none: a time-based seed).
+    ``autoattack="fra31"``: ``benchmark`` runs fra31's own ``AutoAttack`` (a
+    ``ModuleNotFoundError`` says how to install it; robustbench seeds it with the time).
+    ``autoattack="shim"``: ``benchmark``'s ``AutoAttack`` is :mod:`gkl.evaluate.autoattack_compat`
+    (pyautoattack through gkl's runner, the same algorithm), seeded with ``seed``.
     With ``x_test``/``y_test`` (inputs in [0, 1]) the first ``n_examples`` of them are its test
     set; otherwise its own loader reads (or downloads) ``data_dir``. ImageNet needs
     ``preprocessing`` (RobustBench's names: Res256Crop224, BicubicRes256Crop224, Crop288,
@@ -133,9 +170,25 @@ def robustbench_benchmark(
             "BicubicRes256Crop224, Crop288, Res224)"
         )
     eps = budget(eps)
+    if autoattack not in AUTOATTACKS:
+        raise ValueError(f"autoattack={autoattack!r}; valid choices: {list(AUTOATTACKS)}")
+    if autoattack == "fra31" and not fra31_installed():
+        raise ModuleNotFoundError(
+            "backend=robustbench runs fra31's own `autoattack` package, which is not installed: "
+            "run scripts/install_robustbench.sh (pip install git+https://github.com/fra31/"
+            "auto-attack), or use backend=robustbench_shim (robustbench on gkl's pyautoattack "
+            "shim: not an independent check)"
+        )
     with ExitStack() as stack:
-        stack.enter_context(autoattack_compat.installed(seed=seed))
         rb_eval = _import_robustbench("eval")
+        if autoattack == "shim":
+            stack.enter_context(autoattack_compat.installed(seed=seed))
+            stack.enter_context(_attribute(rb_eval, "AutoAttack", autoattack_compat.AutoAttack))
+        elif rb_eval.AutoAttack is autoattack_compat.AutoAttack:
+            raise RuntimeError(
+                "robustbench.eval was imported with gkl's shim as its `autoattack`; restart "
+                "Python with fra31's package installed for backend=robustbench"
+            )
         if x_test is not None:
             x, y = x_test[:n_examples], y_test[:n_examples]
             check_sizes(len(x), batch_size)
