@@ -18,6 +18,7 @@ from pathlib import Path
 from gkl.config import compose_config
 from gkl.evaluate.export import export_robustbench
 from gkl.evaluate.run import build_model, read_source, resolve_config
+from gkl.stored_config import check_stored_config
 
 
 def main(argv: list[str]) -> dict[str, str]:
@@ -30,6 +31,11 @@ def main(argv: list[str]) -> dict[str, str]:
     parser.add_argument("--out", type=Path, default=None, help="default: beside results.json")
     args = parser.parse_args(argv)
     record = json.loads(args.results.read_text())
+    check_stored_config(record, str(args.results))  # a results.json never chooses code
+    if not isinstance(record.get("checkpoint"), str | None):
+        raise SystemExit(
+            f"{args.results}: 'checkpoint' must be a path, got {record['checkpoint']!r}"
+        )
     if not record.get("model_card") or not record.get("checkpoint"):
         raise SystemExit(
             f"{args.results} has no model card or no checkpoint: run eval.py with card.id=... "
@@ -39,13 +45,9 @@ def main(argv: list[str]) -> dict[str, str]:
     weights = record["weights"] if record["weights"] in ("ema", "model") else "auto"
     cfg = compose_config(
         "eval.yaml",
-        [
-            f"ckpt_path={record['checkpoint']}",
-            f"weights={weights}",
-            "paths.output_dir=.",
-            *overrides,
-        ],
+        [f"weights={weights}", "paths.output_dir=.", *overrides],
     )
+    cfg.ckpt_path = record["checkpoint"]  # a value, never parsed as an override
     source = read_source(cfg)
     if source.sha256 != record["checkpoint_sha256"]:
         raise SystemExit(
@@ -54,10 +56,12 @@ def main(argv: list[str]) -> dict[str, str]:
         )
     _, model_cfg = resolve_config(cfg, source)
     model, _ = build_model(model_cfg, source, weights)
+    card = json.loads(card_path.read_text())
+    check_stored_config(card, str(card_path))
     files = export_robustbench(
         model,
         architecture=record["architecture"],
-        card=json.loads(card_path.read_text()),
+        card=card,
         card_id=card_path.stem,
         threat_model=record["threat_model"],
         out_dir=args.out or args.results.parent,

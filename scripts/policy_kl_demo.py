@@ -30,6 +30,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
+from gkl.io import atomic_write_with
 from gkl.rl import kl_in_reward, kl_loss_per_token
 
 D = torch.float64
@@ -260,7 +261,8 @@ def main() -> None:
         for ax in axes[row]:
             ax.set_xlabel("step")
     args.figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.figure, dpi=110)
+    fmt = args.figure.suffix[1:] or "png"
+    atomic_write_with(args.figure, lambda f: fig.savefig(f, format=fmt, dpi=110))
     print(f"\nfigure: {args.figure}")
 
 

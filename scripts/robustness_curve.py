@@ -14,7 +14,6 @@ JSON file with the numbers. Accuracies are on the first ``--n-examples`` test im
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from gkl.config import compose_config
 from gkl.data.build import build_datamodule
 from gkl.evaluate import autoattack_accuracy, clean_accuracy, pgd_accuracy
 from gkl.evaluate.run import load_model, test_tensors
+from gkl.io import atomic_write_json, atomic_write_with
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -113,7 +113,7 @@ def plot(record: dict, out: Path) -> None:
     ax.set_title(f"first {record['n_examples']} test images")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    atomic_write_with(out, lambda f: fig.savefig(f, format=out.suffix[1:] or "png", dpi=120))
 
 
 def main(argv: list[str]) -> None:
@@ -121,7 +121,7 @@ def main(argv: list[str]) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = curve(args, overrides)
     plot(record, args.out)
-    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(args.out.with_suffix(".json"), record)
     print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
 
 
