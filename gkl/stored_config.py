@@ -37,6 +37,7 @@ ALLOWED_TARGETS = frozenset(
         "gkl.models.build.build_teacher",
         "gkl.models.clip.build_clip_student",
         "gkl.models.clip.build_clip_teacher",
+        "gkl.run_dir.WritableRunDirectory",
         "gkl.tasks.AdversarialTask",
         "gkl.tasks.ClassificationTask",
         "gkl.tasks.DistillationTask",
