@@ -42,6 +42,8 @@ def main(argv: list[str]) -> dict[str, str]:
             "on the checkpoint first (a RobustBench zoo model cannot be exported)"
         )
     card_path = Path(record["model_card"])
+    card = json.loads(card_path.read_text())
+    check_stored_config(card, str(card_path))
     weights = record["weights"] if record["weights"] in ("ema", "model") else "auto"
     cfg = compose_config(
         "eval.yaml",
@@ -56,8 +58,6 @@ def main(argv: list[str]) -> dict[str, str]:
         )
     _, model_cfg = resolve_config(cfg, source)
     model, _ = build_model(model_cfg, source, weights)
-    card = json.loads(card_path.read_text())
-    check_stored_config(card, str(card_path))
     files = export_robustbench(
         model,
         architecture=record["architecture"],
