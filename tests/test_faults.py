@@ -142,6 +142,16 @@ def test_sigint_on_an_epochs_last_batch_stops_at_its_end_exits_130_and_resumes_e
     assert_equal_weights(last_weights(run_dir), reference)
 
 
+def test_a_second_sigint_stops_at_once(tmp_path):
+    from gkl.tasks.checkpointing import InterruptCheckpoint
+
+    callback = InterruptCheckpoint(tmp_path)
+    callback._handle(signal.SIGINT, None)  # the first: finish the step, then save
+    assert callback.signum == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+        callback._handle(signal.SIGINT, None)
+
+
 # ----------------------------------------------------------------------------- full disk
 
 
@@ -220,6 +230,25 @@ def test_full_disk_during_training_names_the_checkpoint(compose_run, tmp_path, m
     assert not list((tmp_path / "run2").rglob("*.ckpt"))
 
 
+@pytest.mark.parametrize(
+    ("code", "error", "message"),
+    [
+        (errno.ENOSPC, NoSpaceError, "no space left on device while writing"),  # no inode left
+        (errno.EACCES, PermissionError, "cannot write"),
+    ],
+)
+def test_a_temporary_file_that_cannot_be_created_is_named(
+    tmp_path, monkeypatch, code, error, message
+):
+    def refuse(**kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(gkl.io.tempfile, "mkstemp", refuse)
+    target = tmp_path / "metrics.json"
+    with pytest.raises(error, match=f"{message} {target}"):
+        atomic_write_json(target, {})
+
+
 # ----------------------------------------------------------------------------- read-only
 
 
@@ -248,6 +277,13 @@ def test_read_only_run_directory_is_named(read_only_dir, sub):
         check_directory_writable(target, "run directory")
     with pytest.raises(PermissionError, match=f"cannot write {target / 'x.json'}"):
         atomic_write_json(target / "x.json", {})
+
+
+def test_export_weights_into_a_read_only_directory_fails_before_training(read_only_dir):
+    from gkl.train import check_writable
+
+    with pytest.raises(ValueError, match=f"export_weights={read_only_dir}/m.pth: .* not writable"):
+        check_writable(read_only_dir / "m.pth", "export_weights")
 
 
 def test_train_py_in_a_read_only_directory_names_it(read_only_dir):
@@ -434,10 +470,11 @@ def test_fault_count():
 
 
 FAULTS = (
-    2  # SIGTERM mid-epoch, SIGINT at an epoch's last batch
+    3  # SIGTERM mid-epoch, SIGINT at an epoch's last batch, a second SIGINT
     + len(WRITERS) * 2  # full disk: 5 writers x (new file, existing file)
     + 2  # full disk during training: config.yaml, the first checkpoint
-    + 3  # read-only: existing dir, a new dir under it, train.py
+    + 2  # a temporary file that cannot be created: no space (inodes), no permission
+    + 4  # read-only: existing dir, a new dir under it, export_weights, train.py
     + 3  # leftovers: dead, young, locked by a live writer
     + 3  # modes: umask 022, umask 077, a whole run directory
     + 1  # compile cache
