@@ -18,9 +18,10 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-# Every _target_ in conf/ (tests/test_security.py checks that this covers conf/ exactly). These
-# build gkl's data modules, models, losses, tasks and callbacks, or Lightning / torch.optim /
-# Optuna objects from plain arguments; none reads or runs a file named in the config.
+# Every _target_ in conf/ and in gkl's scripts' overrides (tests/test_security.py checks that this
+# is exactly that set; a new _target_ in conf/ must be added here). They build gkl's data modules,
+# models, losses, tasks and callbacks, or Lightning / torch.optim / Optuna objects from plain
+# arguments; none reads or runs a file named in the config.
 ALLOWED_TARGETS = frozenset(
     {
         "gkl.data.CIFARDataModule",
@@ -46,6 +47,7 @@ ALLOWED_TARGETS = frozenset(
         "gkl.tasks.checkpointing.StepCheckpoint",
         "gkl.tasks.optim.epoch_scheduler",
         "gkl.tasks.progress.MetricsProgressBar",
+        "gkl.tasks.progress.ProgressFile",  # scripts/demo_fmnist.py
         "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
         "lightning.pytorch.Trainer",
         "lightning.pytorch.callbacks.LearningRateMonitor",

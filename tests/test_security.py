@@ -390,8 +390,18 @@ def conf_targets() -> set[str]:
     return found
 
 
-def test_every_target_in_conf_is_allowed_and_nothing_else():
-    assert conf_targets() == set(ALLOWED_TARGETS)
+def script_targets() -> set[str]:
+    found = set()
+    for path in (ROOT / "scripts").glob("*.py"):
+        found |= set(re.findall(r"_target_=([\w.]+)", path.read_text()))
+    return found
+
+
+def test_every_target_in_conf_and_scripts_is_allowed_and_nothing_else():
+    used = conf_targets() | script_targets()
+    missing = used - ALLOWED_TARGETS
+    assert not missing, f"add {sorted(missing)} to gkl.stored_config.ALLOWED_TARGETS"
+    assert used == ALLOWED_TARGETS, f"unused: {sorted(ALLOWED_TARGETS - used)}"
 
 
 def test_every_composed_config_passes_the_check():

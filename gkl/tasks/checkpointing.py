@@ -290,12 +290,22 @@ class InterruptCheckpoint(Checkpoint):
         self._previous = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.signum is not None and not trainer.fit_loop.epoch_loop._is_training_done:
+        if self._requested(trainer) and not trainer.fit_loop.epoch_loop._is_training_done:
             self._stop(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.signum is not None:
+        if self._requested(trainer):
             self._stop(trainer)
+
+    def _requested(self, trainer) -> bool:
+        """Whether any process received a signal (under DDP all stop at the same step, as
+        Lightning's own SIGTERM handling does it: one tiny all-reduce per step)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([self.signum or 0], device=trainer.strategy.root_device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and self.signum is None:
+                self.signum = int(flag.item())
+        return self.signum is not None
 
     def _stop(self, trainer) -> None:
         trainer.save_checkpoint(self.path)
