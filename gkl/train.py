@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from gkl.config import CONFIG_DIR
@@ -223,6 +225,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             check_run_directory(out_dir, cfg.get("ckpt_path"))
             remove_stale_temp_files(out_dir)
         return _fit_and_test(cfg, out_dir)
+    except SIGTERMException:  # Lightning's own SIGTERM stop (e.g. in trainer.test) exits 0
+        raise SystemExit(128 + signal.SIGTERM) from None
     except OSError as error:
         if error.errno in NO_SPACE and "no space left on device" not in str(error):
             raise OSError(

@@ -278,6 +278,8 @@ class InterruptCheckpoint(Checkpoint):
     def on_train_start(self, trainer, pl_module) -> None:
         # After Lightning's own SIGTERM handler (registered when fit starts): ours replaces it,
         # so Lightning never stops at a point a checkpoint cannot resume from exactly.
+        if getattr(trainer, "received_sigterm", False):  # caught by Lightning's handler
+            self.signum = signal.SIGTERM
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in self.SIGNALS:
