@@ -283,7 +283,10 @@ class InterruptCheckpoint(Checkpoint):
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in self.SIGNALS:
-            self._previous[signum] = signal.getsignal(signum)
+            previous = signal.getsignal(signum)
+            if previous == signal.SIG_IGN:  # e.g. SIGINT of a background job: stays ignored
+                continue
+            self._previous[signum] = previous
             signal.signal(signum, self._handle)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
