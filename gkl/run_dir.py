@@ -11,8 +11,12 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import tempfile
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 from gkl.io import TEMP_SUFFIX
 
@@ -99,3 +103,39 @@ def remove_stale_temp_files(directory: Path) -> list[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+def check_directory_writable(directory: str | os.PathLike, what: str) -> None:
+    """Create ``directory`` (and parents) and a probe file in it; a read-only filesystem, missing
+    permission or a full disk is a :class:`RunDirectoryError` naming the directory."""
+    path = Path(directory).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise RunDirectoryError(
+            f"{what} {path} is not writable ({reason}); make it "
+            f"writable, or write elsewhere with hydra.run.dir=<dir> (or paths.log_dir=<dir>)"
+        ) from None
+
+
+class WritableRunDirectory(Callback):
+    """Hydra callback (conf/hydra/default.yaml): a run or sweep directory that cannot be written
+    is refused with its name before Hydra sets up its log file there (Hydra's own error is
+    ``Unable to configure handler 'file'``). Hydra turns a callback's exceptions into warnings,
+    so the refusal is a ``SystemExit`` with the message (exit status 1)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "run directory")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "sweep directory")
+
+    @staticmethod
+    def _check(directory: str, what: str) -> None:
+        try:
+            check_directory_writable(directory, what)
+        except RunDirectoryError as error:
+            raise SystemExit(f"Error: {error}") from None

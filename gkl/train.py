@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -13,17 +14,20 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from gkl.config import CONFIG_DIR
 from gkl.data.build import build_datamodule
-from gkl.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from gkl.io import NO_SPACE, atomic_torch_save, atomic_write_json, atomic_write_text
 from gkl.losses import CrossEntropyLoss
 from gkl.run_dir import RunLock, check_run_directory, remove_stale_temp_files
 from gkl.tasks.checkpointing import (
+    InterruptCheckpoint,
     ResumeStateCallback,
     SafeCheckpointIO,
     check_resume_config,
+    check_resume_fingerprints,
     load_checkpoint,
 )
 from gkl.tasks.distributed import check_distributed, exclude_rank_local_buffers
@@ -40,6 +44,10 @@ SMOKE_METRICS_FILE = "metrics.smoke.json"
 METRICS_FILE = "metrics.json"
 # Fewer training or test images than this make a run a smoke test (NOT_A_RESULT).
 MIN_RESULT_IMAGES = 1000
+# torch.compile's cache (speed.compile) goes into the run directory unless the user chose one.
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+INDUCTOR_CACHE_DIR = ".torchinductor"
+_USER_INDUCTOR_CACHE = os.environ.get(INDUCTOR_CACHE_ENV)
 
 
 def has_teacher(cfg: DictConfig) -> bool:
@@ -210,11 +218,25 @@ def run(cfg: DictConfig) -> dict[str, float]:
     lock = None
     if rank_zero_only.rank == 0:  # DDP's other processes share rank 0's run directory
         lock = RunLock(out_dir).acquire()
+    if _USER_INDUCTOR_CACHE is None:  # never $TMPDIR/torchinductor_<user>
+        os.environ[INDUCTOR_CACHE_ENV] = str((out_dir / INDUCTOR_CACHE_DIR).resolve())
     try:
         if lock is not None:
             check_run_directory(out_dir, cfg.get("ckpt_path"))
             remove_stale_temp_files(out_dir)
         return _fit_and_test(cfg, out_dir)
+    except SIGTERMException:  # Lightning's own SIGTERM stop (e.g. in trainer.test) exits 0
+        raise SystemExit(128 + signal.SIGTERM) from None
+    except OSError as error:
+        if error.errno in NO_SPACE and "no space left on device" not in str(error):
+            raise OSError(
+                error.errno,
+                f"no space left on device while writing the run directory {out_dir} "
+                f"({error.filename or error}); free space there or write elsewhere with "
+                "hydra.run.dir=<dir>; resume from checkpoints/last.ckpt once there is room",
+                error.filename,
+            ) from error
+        raise
     finally:
         if lock is not None:
             lock.release()
@@ -227,6 +249,7 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         checkpoint = load_checkpoint(ckpt_path, mmap=True)
         for key, old, new in check_resume_config(checkpoint, config, ckpt_path):
             log.warning("resuming with a changed config: %s: %r -> %r", key, old, new)
+        check_resume_fingerprints(checkpoint, config, ckpt_path)
         del checkpoint
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg.data)
@@ -241,6 +264,7 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(ResumeStateCallback(config))
+    callbacks.append(InterruptCheckpoint(out_dir / "checkpoints"))  # SIGTERM / SIGINT
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()]

@@ -34,6 +34,7 @@ from gkl.config import compose_config
 from gkl.data.build import build_datamodule
 from gkl.evaluate import autoattack_accuracy, clean_accuracy, pgd_accuracy
 from gkl.evaluate.run import load_model, test_tensors
+from gkl.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = {
@@ -112,7 +113,7 @@ def evaluate_run(run_dir: Path, args: argparse.Namespace) -> dict:
         "autoattack_examples": min(args.aa_examples, len(y)),
     }
     record["eval_seconds"] = round(time.time() - start, 1)
-    result_file.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(result_file, record)
     return record
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from gkl.config import compose_config
 from gkl.evaluate.export import export_robustbench, read_results
 from gkl.evaluate.run import build_model, read_source, resolve_config
+from gkl.stored_config import check_stored_config
 
 
 def main(argv: list[str]) -> dict[str, str]:
@@ -33,17 +34,18 @@ def main(argv: list[str]) -> dict[str, str]:
         record = read_results(args.results)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from None
+    check_stored_config(record, str(args.results))  # a results.json never chooses code
+    if not isinstance(record["checkpoint"], str):
+        raise SystemExit(f"{args.results}: 'checkpoint' must be a path, got {record['checkpoint']!r}")
     card_path = Path(record["model_card"])
+    card = json.loads(card_path.read_text())
+    check_stored_config(card, str(card_path))
     weights = record["weights"] if record["weights"] in ("ema", "model") else "auto"
     cfg = compose_config(
         "eval.yaml",
-        [
-            f"ckpt_path={record['checkpoint']}",
-            f"weights={weights}",
-            "paths.output_dir=.",
-            *overrides,
-        ],
+        [f"weights={weights}", "paths.output_dir=.", *overrides],
     )
+    cfg.ckpt_path = record["checkpoint"]  # a value, never parsed as an override
     source = read_source(cfg)
     if source.sha256 != record["checkpoint_sha256"]:
         raise SystemExit(
@@ -55,7 +57,7 @@ def main(argv: list[str]) -> dict[str, str]:
     files = export_robustbench(
         model,
         architecture=record["architecture"],
-        card=json.loads(card_path.read_text()),
+        card=card,
         card_id=card_path.stem,
         threat_model=record["threat_model"],
         out_dir=args.out or args.results.parent,

@@ -31,6 +31,8 @@ from typing import Any
 
 import yaml
 
+from gkl.io import atomic_write_json
+
 METHODS = {
     "gkl.losses.GKLLoss": "GKL",
     "gkl.losses.KDLoss": "KD",
@@ -193,7 +195,7 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if args.json:
-        args.json.write_text(json.dumps(runs, indent=2) + "\n")
+        atomic_write_json(args.json, runs)
 
 
 if __name__ == "__main__":

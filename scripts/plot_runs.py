@@ -53,7 +53,7 @@ def plot(run_dirs: list[Path], out: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    atomic_write_with(out, lambda f: fig.savefig(f, format=out.suffix[1:] or "png", dpi=120))
     print(f"wrote {out}")
 
 

@@ -91,6 +91,35 @@ def _unpickle(path: Path) -> dict[str, Any]:
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
 
 
+def download_cifar(root: str | Path, dataset: str) -> list[str]:
+    """Download and extract the official archive with torchvision's ``download`` (its md5
+    checks) unless every batch is already there and intact, without letting torchvision unpickle
+    anything (its ``CIFAR10.__init__`` reads the batches and the meta file with a plain
+    ``pickle.load``); then read the meta file with :class:`CIFARUnpickler`. Returns the class
+    names."""
+    cls = SPECS[dataset].torchvision_cls
+    downloader = cls.__new__(cls)  # no __init__: nothing is unpickled by torchvision
+    downloader.root = str(Path(root).expanduser())
+    downloader.download()
+    return read_cifar_classes(root, dataset)
+
+
+def read_cifar_classes(root: str | Path, dataset: str) -> list[str]:
+    """The class names from ``batches.meta`` (CIFAR-10) / ``meta`` (CIFAR-100), read with the
+    restricted unpickler (a tampered file is refused, naming it)."""
+    cls = SPECS[dataset].torchvision_cls
+    path = Path(root).expanduser() / cls.base_folder / cls.meta["filename"]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: CIFAR meta file missing; set data.download=true")
+    entry = _unpickle(path)
+    names = entry.get(cls.meta["key"])
+    if not isinstance(names, list) or not all(isinstance(n, str | bytes) for n in names):
+        raise ValueError(
+            f"{path}: not a CIFAR meta file (no list of names under {cls.meta['key']!r})"
+        )
+    return [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
+
+
 def read_cifar(
     root: str | Path, dataset: str, train: bool, verify_checksums: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -171,9 +200,10 @@ class CIFARDataModule(ImageDataModule):
             raise ValueError(f"generated_fraction={generated_fraction} must be in (0, 1)")
 
     def prepare_data(self) -> None:
-        """Download and md5-check the archive with torchvision when ``download=True``."""
+        """Download and md5-check the archive with torchvision when ``download=True``; the files
+        are then read by gkl's restricted unpickler only (:func:`download_cifar`)."""
         if self.download and not self.is_synthetic:
-            self.spec.torchvision_cls(str(self.data_dir), train=True, download=True)
+            download_cifar(self.data_dir, self.dataset)
 
     def _read_split(self, train: bool) -> tuple[Tensor, Tensor]:
         return read_cifar(self.data_dir, self.dataset, train, self.verify_checksums)

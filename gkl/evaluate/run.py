@@ -38,6 +38,7 @@ from gkl.evaluate.robustness import check_masking_threshold, check_pgd_steps, ev
 from gkl.io import atomic_write_json, atomic_write_text
 from gkl.models.checkpoint import load_state_dict_strict, read_checkpoint, select_weights
 from gkl.models.wrappers import Normalized
+from gkl.stored_config import check_stored_config
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +97,14 @@ def read_source(cfg: DictConfig) -> Source:
         return Source(ckpt_path=None, zoo_name=zoo_name)
     path = Path(cfg.ckpt_path).expanduser()
     state, sha256 = read_checkpoint(path)
+    if isinstance(state, Mapping):  # stored configs never choose code (gkl.stored_config)
+        for key in ("hyper_parameters", "gkl_config"):
+            check_stored_config(state.get(key), f"{path} ({key})", f"{key}.")
     source = Source(ckpt_path=path, state=state, sha256=sha256)
     for candidate in (path.parent.parent / RUN_CONFIG_FILE, path.parent / RUN_CONFIG_FILE):
         if candidate.is_file():
             source.run_config = OmegaConf.load(candidate)
+            check_stored_config(source.run_config, str(candidate))
             source.run_config_path = candidate
             break
     return source
@@ -180,6 +185,7 @@ def resolve_config(cfg: DictConfig, source: Source) -> tuple[DictConfig, DictCon
             )
     tree = OmegaConf.create({"data": data, "model": model})
     OmegaConf.resolve(tree)
+    check_stored_config(tree, f"{data_where or 'the eval config'} (resolved)")
     return tree.data, tree.model
 
 

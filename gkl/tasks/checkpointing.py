@@ -9,12 +9,22 @@
   ``on_train_epoch_end`` (the class prior's ``end_epoch`` was lost that way).
 - :class:`ResumeStateCallback`: stores the run's config in every checkpoint (compared on resume,
   :func:`config_changes`) and, under DDP, the class priors' sums of *all* processes (zeroed on
-  processes > 0 after a restore), so a mid-epoch resume gives the same prior as no interruption.
+  processes > 0 after a restore), so a mid-epoch resume gives the same prior as no interruption;
+  also the fingerprints of ``data.data_dir`` and ``teacher.checkpoint`` (:func:`run_fingerprints`),
+  so a resume that points them elsewhere is refused unless the data / teacher are the same.
+- :class:`InterruptCheckpoint`: SIGTERM / SIGINT stop training at the next step boundary (the
+  epoch's end on its last batch), write ``checkpoints/interrupted.ckpt`` and exit with status
+  128 + signal (143 / 130), so a scheduler sees a preempted run, not a finished one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import pickle
+import signal
+import sys
+import threading
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -24,12 +34,20 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
 
 from gkl.io import atomic_torch_save
 from gkl.losses import class_priors
 
+log = logging.getLogger(__name__)
+
 CONFIG_KEY = "gkl_config"
+FINGERPRINTS_KEY = "gkl_fingerprints"
+# Resumable changes that are refused unless the content they point at is the same.
+FINGERPRINTED = ("data.data_dir", "teacher.checkpoint")
+# Data directories up to this size are fingerprinted by content, larger ones by names and sizes.
+CONTENT_HASH_LIMIT = 512 * 2**20
+INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
 ALLOW_CHANGES_KEY = "resume_allow_changes"
 # Config keys a resumed run may change: run length, hardware, logging, where files go.
 RESUMABLE_CHANGES = (
@@ -134,10 +152,14 @@ class ResumeStateCallback(pl.Callback):
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         self.config = dict(config) if config is not None else None
+        self._fingerprints: dict[str, str | None] | None = None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         if self.config is not None:
             checkpoint[CONFIG_KEY] = self.config
+            if self._fingerprints is None:  # once per run, at the first save
+                self._fingerprints = run_fingerprints(self.config)
+            checkpoint[FINGERPRINTS_KEY] = self._fingerprints
         if not (dist.is_available() and dist.is_initialized()):
             return
         state = checkpoint["state_dict"]
@@ -152,6 +174,154 @@ class ResumeStateCallback(pl.Callback):
         if trainer.ckpt_path is not None and trainer.global_rank > 0:
             for _, prior in class_priors(pl_module):
                 prior.sums.zero_()
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_fingerprint(data_dir: str | Path | None) -> str | None:
+    """SHA-256 over the files under ``data_dir`` (relative names and contents; names and sizes
+    only when they exceed :data:`CONTENT_HASH_LIMIT`); None when there is no such directory."""
+    if data_dir is None or not Path(data_dir).expanduser().is_dir():
+        return None
+    root = Path(data_dir).expanduser()
+    files = sorted(
+        (p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    sizes = [p.stat().st_size for p in files]
+    by_content = sum(sizes) <= CONTENT_HASH_LIMIT
+    digest = hashlib.sha256(b"content" if by_content else b"names-and-sizes")
+    for path, size in zip(files, sizes, strict=True):
+        digest.update(f"{path.relative_to(root).as_posix()}\0{size}\0".encode())
+        if by_content:
+            digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def run_fingerprints(config: Mapping[str, Any]) -> dict[str, str | None]:
+    """``{"data.data_dir": data fingerprint, "teacher.checkpoint": teacher file SHA-256}``."""
+    flat = flatten(config)
+    teacher = flat.get("teacher.checkpoint")
+    return {
+        "data.data_dir": data_fingerprint(flat.get("data.data_dir")),
+        "teacher.checkpoint": (
+            file_sha256(teacher) if isinstance(teacher, str) and Path(teacher).is_file() else None
+        ),
+    }
+
+
+def check_resume_fingerprints(
+    checkpoint: Mapping[str, Any], config: Mapping[str, Any], ckpt_path: str | Path
+) -> None:
+    """Refuse a resume whose ``data.data_dir`` / ``teacher.checkpoint`` differs from the
+    checkpoint's unless the data / teacher file there is the same (same fingerprint)."""
+    saved = checkpoint.get(CONFIG_KEY)
+    if saved is None or config.get(ALLOW_CHANGES_KEY, False):
+        return
+    old_flat, new_flat = flatten(saved), flatten(config)
+    stored = checkpoint.get(FINGERPRINTS_KEY) or {}
+    for key in FINGERPRINTED:
+        old, new = old_flat.get(key), new_flat.get(key)
+        if old == new:
+            continue
+        now = run_fingerprints(config)[key]
+        if stored.get(key) is not None and now == stored[key]:
+            log.info("resuming with %s moved: %r -> %r (same content)", key, old, new)
+            continue
+        what = "data" if key.startswith("data.") else "teacher checkpoint"
+        raise ValueError(
+            f"ckpt_path={ckpt_path}: {key} changed from {old!r} to {new!r} and the {what} there "
+            f"is not the same as the run's (fingerprint {_short(stored.get(key))} in the "
+            f"checkpoint, {_short(now)} now), so the resumed run would continue on other "
+            f"{what}. Resume with {key}={old}, or add ++{ALLOW_CHANGES_KEY}=true to accept it."
+        )
+
+
+def _short(digest: str | None) -> str:
+    return "none" if digest is None else digest[:12]
+
+
+class TrainingInterrupted(SystemExit):
+    """Training stopped on a signal after writing a resumable checkpoint; exit status 128+sig."""
+
+
+class InterruptCheckpoint(Checkpoint):
+    """On SIGTERM / SIGINT: finish the current step, write ``<dirpath>/interrupted.ckpt`` at the
+    same points a mid-epoch checkpoint is taken (after a batch; on an epoch's last batch after
+    the epoch's end hooks), then raise :class:`TrainingInterrupted` (status 143 / 130). A second
+    SIGINT stops at once (``KeyboardInterrupt``)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, dirpath: str | Path) -> None:
+        self.path = Path(dirpath) / INTERRUPTED_CHECKPOINT
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(
+            f"\nreceived {signal.Signals(signum).name}: stopping after this step to write "
+            f"{self.path}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # After Lightning's own SIGTERM handler (registered when fit starts): ours replaces it,
+        # so Lightning never stops at a point a checkpoint cannot resume from exactly.
+        if getattr(trainer, "received_sigterm", False):  # caught by Lightning's handler
+            self.signum = signal.SIGTERM
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.SIGNALS:
+            previous = signal.getsignal(signum)
+            if previous == signal.SIG_IGN:  # e.g. SIGINT of a background job: stays ignored
+                continue
+            self._previous[signum] = previous
+            signal.signal(signum, self._handle)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self._requested(trainer) and not trainer.fit_loop.epoch_loop._is_training_done:
+            self._stop(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._requested(trainer):
+            self._stop(trainer)
+
+    def _requested(self, trainer) -> bool:
+        """Whether any process received a signal (under DDP all stop at the same step, as
+        Lightning's own SIGTERM handling does it: one tiny all-reduce per step)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([self.signum or 0], device=trainer.strategy.root_device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and self.signum is None:
+                self.signum = int(flag.item())
+        return self.signum is not None
+
+    def _stop(self, trainer) -> None:
+        trainer.save_checkpoint(self.path)
+        signum, self.signum = self.signum, None
+        message = (
+            f"training interrupted by {signal.Signals(signum).name} at step "
+            f"{trainer.global_step}: wrote {self.path}; resume with ckpt_path={self.path}"
+        )
+        log.warning(message)
+        print(message, file=sys.stderr, flush=True)
+        raise TrainingInterrupted(128 + signum)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
