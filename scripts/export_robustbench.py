@@ -36,7 +36,9 @@ def main(argv: list[str]) -> dict[str, str]:
         raise SystemExit(f"error: {error}") from None
     check_stored_config(record, str(args.results))  # a results.json never chooses code
     if not isinstance(record["checkpoint"], str):
-        raise SystemExit(f"{args.results}: 'checkpoint' must be a path, got {record['checkpoint']!r}")
+        raise SystemExit(
+            f"{args.results}: 'checkpoint' must be a path, got {record['checkpoint']!r}"
+        )
     card_path = Path(record["model_card"])
     card = json.loads(card_path.read_text())
     check_stored_config(card, str(card_path))
