@@ -27,6 +27,7 @@ ALLOWED_TARGETS = frozenset(
         "gkl.data.CIFARDataModule",
         "gkl.data.FashionMNISTDataModule",
         "gkl.data.ImageNetDataModule",
+        "gkl.data.ImageNetLTDataModule",
         "gkl.data.augment.TwoViewCIFARDataModule",
         "gkl.losses.CrossEntropyLoss",
         "gkl.losses.DKDLoss",
