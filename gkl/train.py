@@ -17,6 +17,7 @@ from gkl.cli import check_inputs, check_writable, main  # noqa: F401 (the comman
 from gkl.config import CONFIG_DIR  # noqa: F401
 from gkl.data.build import build_datamodule
 from gkl.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from gkl.loggers import HistoryTrimCallback
 from gkl.losses import CrossEntropyLoss
 from gkl.run_dir import RunLock, check_run_directory, remove_stale_temp_files
 from gkl.tasks.checkpointing import (
@@ -218,7 +219,7 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     exclude_rank_local_buffers(task)
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    callbacks.append(ResumeStateCallback(config))
+    callbacks += [ResumeStateCallback(config), HistoryTrimCallback()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[SafeCheckpointIO()]

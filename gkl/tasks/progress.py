@@ -148,6 +148,7 @@ class EpochLines(ProgressBar):
         self._enabled = True
         self._start_time = 0.0
         self._start_epoch = 0
+        self._pending: str | None = None
 
     def disable(self) -> None:
         self._enabled = False
@@ -185,7 +186,25 @@ class EpochLines(ProgressBar):
         ran = done - self._start_epoch
         per_epoch = elapsed / ran if ran > 0 else None
         metrics = self.shown_metrics(trainer)
-        self._print(epoch_line(done, trainer.max_epochs, metrics, elapsed, per_epoch))
+        self._pending = epoch_line(done, trainer.max_epochs, metrics, elapsed, per_epoch)
+
+    def _flush_pending(self) -> None:
+        if self._pending is not None:
+            self._print(self._pending)
+            self._pending = None
+
+    # The line is printed once the epoch's checkpoints are written (checkpoint callbacks run after
+    # this one's on_train_epoch_end): a job killed after "epoch 3/6" resumes after epoch 3.
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush_pending()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush_pending()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._flush_pending()
 
 
 def progress_bar(
