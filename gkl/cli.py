@@ -55,10 +55,9 @@ def check_search_metric(cfg: DictConfig, sweeper_target: str | None) -> None:
     metric = cfg.get("optimized_metric")
     if not metric or not sweeper_target or sweeper_target == GRID_SWEEPER:
         return
-    val_size = (cfg.get("data") or {}).get("val_size")
     if str(metric).startswith("test/"):
         why = f"optimized_metric={metric} is a test-set metric"
-    elif str(metric).startswith("val/") and val_size == 0:
+    elif str(metric).startswith("val/") and data_val_is_test(cfg):
         why = (
             f"optimized_metric={metric} is computed on the test set here: data.val_size=0 "
             "validates on the test set"
@@ -70,6 +69,27 @@ def check_search_metric(cfg: DictConfig, sweeper_target: str | None) -> None:
         "test accuracy. Carve a validation split out of the training set with "
         "data.val_size=5000 (and optimise a val/ metric)."
     )
+
+
+def check_early_stopping(cfg: DictConfig) -> None:
+    """Refuse early stopping on a ``val/`` metric when ``data.val_size`` is 0 (the test set)."""
+    for name, callback in (cfg.get("callbacks") or {}).items():
+        target = str((callback or {}).get("_target_", ""))
+        monitor = str((callback or {}).get("monitor", ""))
+        if target.endswith("EarlyStopping") and (
+            data_val_is_test(cfg) or monitor.startswith("test/")
+        ):
+            raise ValueError(
+                f"callbacks.{name} stops on {monitor}, which is computed on the test set here "
+                "(data.val_size=0 validates on the test set): the epoch count would be chosen on "
+                "test accuracy. Carve a validation split with data.val_size=5000, or drop the "
+                f"callback (~callbacks.{name})."
+            )
+
+
+def data_val_is_test(cfg: DictConfig) -> bool:
+    """``data.val_size == 0``: validation runs on the test set."""
+    return (cfg.get("data") or {}).get("val_size") == 0
 
 
 def sweeper_target() -> str | None:
@@ -90,6 +110,7 @@ def main(cfg: DictConfig) -> Any:
     """Check the config, then import Lightning and train (:func:`gkl.train.train`)."""
     check_inputs(cfg)
     check_search_metric(cfg, sweeper_target())
+    check_early_stopping(cfg)
     from gkl.train import train  # Lightning, torch: seconds of imports
 
     return train(cfg)

@@ -254,6 +254,8 @@ def runs_table(runs: Sequence[Run], metrics: Sequence[str] = ("test/acc",)) -> s
         return "no runs found"
     groups = group_runs(runs)
     columns = differing_keys(groups)
+    if "task_name" not in columns:  # names the experiment (and baseline) on every row
+        columns.insert(0, "task_name")
     head = [*columns, *metrics, "n", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for group in sorted(groups, key=lambda g: [_order(g.hyperparameters.get(k)) for k in columns]):
@@ -265,7 +267,4 @@ def runs_table(runs: Sequence[Run], metrics: Sequence[str] = ("test/acc",)) -> s
         smoke = " (smoke: NOT a result)" if any(r.smoke for r in group.runs) else ""
         cells += [str(len(group.runs)), ",".join(seeds) + smoke]
         lines.append("| " + " | ".join(cells) + " |")
-    if not columns and len(groups) == 1:
-        lines.append("")
-        lines.append("(one configuration: every run differs only in the seed)")
     return "\n".join(lines)

@@ -140,6 +140,8 @@ def smoke_reasons(cfg: DictConfig, datamodule, trainer: pl.Trainer | None = None
     for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
         if tc.get(key) not in (None, 1.0):
             reasons.append(f"trainer.{key}={tc.get(key)}")
+    if tc.get("overfit_batches"):
+        reasons.append(f"trainer.overfit_batches={tc.get('overfit_batches')}")
     for key in ("train_subset", "test_size"):
         value = cfg.data.get(key)
         if value is not None and value < MIN_RESULT_IMAGES:
