@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from gkl.io import atomic_write_with  # noqa: E402
 from gkl.runs import CSV_FILE, Run, RunGroup, differing_keys, epoch_history, load_run  # noqa: E402
@@ -57,8 +58,18 @@ def output_path(out: str | Path) -> Path:
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
-    """Accuracy and loss curves of ``run_dirs`` to a PNG at :func:`output_path` (``out``);
-    returns the file written."""
+    """:func:`draw_runs` to a PNG at :func:`output_path` (``out``); returns the file written."""
+    fig = draw_runs(run_dirs)
+    path = output_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_with(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    plt.close(fig)
+    return path
+
+
+def draw_runs(run_dirs: Sequence[str | Path]) -> Figure:
+    """Accuracy (%) and loss panels of ``run_dirs``: one colour per run, training dashed,
+    validation solid, a marker per epoch, legend labels from :func:`run_labels`."""
     run_dirs = [Path(d) for d in run_dirs]
     for run_dir in run_dirs:
         if not (run_dir / CSV_FILE).is_file():
@@ -94,11 +105,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
         ax.legend(fontsize=7)
     axes[0].set_ylabel("%")
     fig.tight_layout()
-    path = output_path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_with(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
-    return path
+    return fig
 
 
 def plot_accuracy_curves(
