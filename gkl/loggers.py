@@ -80,3 +80,13 @@ class HistoryTrimCallback(pl.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger) and isinstance(logger.experiment, _KeepingWriter):
                 logger.experiment.keep_rows_before(trainer.global_step)
+
+
+def finish_loggers(trainer: pl.Trainer) -> None:
+    """End the W&B runs of ``trainer``'s loggers (files flushed; the next run of a multirun gets
+    a run of its own instead of reusing this one)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()

@@ -102,7 +102,8 @@ def draw_runs(run_dirs: Sequence[str | Path]) -> Figure:
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     axes[0].set_ylabel("%")
     fig.tight_layout()
     return fig

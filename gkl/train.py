@@ -17,7 +17,7 @@ from gkl.cli import check_inputs, check_writable, main  # noqa: F401 (the comman
 from gkl.config import CONFIG_DIR  # noqa: F401
 from gkl.data.build import build_datamodule
 from gkl.io import atomic_torch_save, atomic_write_json, atomic_write_text
-from gkl.loggers import HistoryTrimCallback
+from gkl.loggers import HistoryTrimCallback, finish_loggers
 from gkl.losses import CrossEntropyLoss
 from gkl.run_dir import RunLock, check_run_directory, remove_stale_temp_files
 from gkl.tasks.checkpointing import (
@@ -237,6 +237,8 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         # The weights after the last epoch: never a checkpoint selected on test accuracy.
         results = trainer.test(task, datamodule=datamodule, verbose=False)
         metrics |= {k: float(v) for k, v in results[0].items()}
+    if trainer.is_global_zero:
+        finish_loggers(trainer)
     smoke = smoke_reasons(cfg, datamodule, trainer)
     if trainer.is_global_zero:  # under DDP every process gets here; one writes
         write_metrics(cfg, trainer, metrics, smoke)
