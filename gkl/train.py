@@ -88,7 +88,7 @@ def build_task(cfg: DictConfig, model, teacher, loss, num_classes: int) -> pl.Li
     ``task.<key>: null`` the constructor lacks is skipped: ``+baseline=ce`` unsets the
     distillation options of a KD experiment that way.
     """
-    task_cfg = OmegaConf.create(OmegaConf.to_container(cfg.task))
+    task_cfg = OmegaConf.create(OmegaConf.to_container(cfg.task, resolve=True))
     factory_params = inspect.signature(get_method(task_cfg._target_)).parameters
     for key in [k for k, v in task_cfg.items() if v is None and k not in factory_params]:
         del task_cfg[key]
