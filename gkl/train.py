@@ -9,17 +9,18 @@ import signal
 import warnings
 from pathlib import Path
 
-import hydra
 import lightning.pytorch as pl
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from gkl.config import CONFIG_DIR
+from gkl.cli import check_inputs, check_writable, main  # noqa: F401 (the command line)
+from gkl.config import CONFIG_DIR  # noqa: F401
 from gkl.data.build import build_datamodule
 from gkl.io import NO_SPACE, atomic_torch_save, atomic_write_json, atomic_write_text
+from gkl.loggers import HistoryTrimCallback, finish_loggers
 from gkl.losses import CrossEntropyLoss
 from gkl.run_dir import RunLock, check_run_directory, remove_stale_temp_files
 from gkl.tasks.checkpointing import (
@@ -92,9 +93,15 @@ def build_task(cfg: DictConfig, model, teacher, loss, num_classes: int) -> pl.Li
     """Call the task partial with the pieces its constructor accepts; fail on a piece it would drop.
 
     A configured teacher or a loss other than plain cross-entropy that the task does not take, or a
-    ``task.<key>`` its constructor lacks, is an error before training, not silently ignored.
+    ``task.<key>`` its constructor lacks, is an error before training, not silently ignored. A
+    ``task.<key>: null`` the constructor lacks is skipped: ``+baseline=ce`` unsets the
+    distillation options of a KD experiment that way.
     """
-    task_factory = instantiate(cfg.task)
+    task_cfg = OmegaConf.create(OmegaConf.to_container(cfg.task, resolve=True))
+    factory_params = inspect.signature(get_method(task_cfg._target_)).parameters
+    for key in [k for k, v in task_cfg.items() if v is None and k not in factory_params]:
+        del task_cfg[key]
+    task_factory = instantiate(task_cfg)
     pieces = {
         "model": model,
         "teacher": teacher,
@@ -142,6 +149,8 @@ def smoke_reasons(cfg: DictConfig, datamodule, trainer: pl.Trainer | None = None
     for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
         if tc.get(key) not in (None, 1.0):
             reasons.append(f"trainer.{key}={tc.get(key)}")
+    if tc.get("overfit_batches"):
+        reasons.append(f"trainer.overfit_batches={tc.get('overfit_batches')}")
     for key in ("train_subset", "test_size"):
         value = cfg.data.get(key)
         if value is not None and value < MIN_RESULT_IMAGES:
@@ -177,33 +186,6 @@ def write_metrics(
     atomic_write_json(path, record)
     log.info("wrote %s", path)
     return path
-
-
-def check_inputs(cfg: DictConfig) -> None:
-    """Fail before anything is built on inputs that would fail (or mislead) later."""
-    seed = cfg.get("seed")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"seed={seed!r}: the seed must be an integer, e.g. seed=0")
-    for key in ("max_epochs", "max_steps"):
-        value = cfg.trainer.get(key)
-        if value is not None and (not isinstance(value, int) or value < -1):
-            raise ValueError(f"trainer.{key}={value!r} must be an integer >= 0 (-1: no limit)")
-    if cfg.get("export_weights"):
-        check_writable(Path(cfg.export_weights), "export_weights")
-
-
-def check_writable(path: Path, what: str) -> None:
-    """Raise unless ``path`` can be written (its nearest existing parent is a writable dir)."""
-    path = path.expanduser()
-    if path.is_dir():
-        raise ValueError(f"{what}={path} is a directory: give a file name, e.g. {path}/model.pth")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{what}={path}: {parent} is a file, not a directory; choose another path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{what}={path}: {parent} is not writable; choose a writable path")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -263,7 +245,7 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     exclude_rank_local_buffers(task)
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    callbacks.append(ResumeStateCallback(config))
+    callbacks += [ResumeStateCallback(config), HistoryTrimCallback()]
     callbacks.append(InterruptCheckpoint(out_dir / "checkpoints"))  # SIGTERM / SIGINT
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: pl.Trainer = instantiate(
@@ -280,6 +262,8 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         # The weights after the last epoch: never a checkpoint selected on test accuracy.
         results = trainer.test(task, datamodule=datamodule, verbose=False)
         metrics |= {k: float(v) for k, v in results[0].items()}
+    if trainer.is_global_zero:
+        finish_loggers(trainer)
     smoke = smoke_reasons(cfg, datamodule, trainer)
     if trainer.is_global_zero:  # under DDP every process gets here; one writes
         write_metrics(cfg, trainer, metrics, smoke)
@@ -310,8 +294,9 @@ def export_weights(model: torch.nn.Module, path: Path) -> None:
     log.info("exported weights to %s", path)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train.yaml")
-def main(cfg: DictConfig) -> float | None:
+def train(cfg: DictConfig) -> float | None:
+    """``train.py``'s work after :func:`gkl.cli.main` checked the config: run, print the summary,
+    return ``optimized_metric`` for sweepers."""
     keep_library_chatter_in_the_log()
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "highest"))
     metrics = run(cfg)

@@ -34,7 +34,7 @@ from gkl.tasks.progress import PROGRESS_FILE, read_progress  # noqa: E402
 TEACHER_NAME = "fmnist_cnn"
 METHODS = {
     # The student alone: plain cross-entropy, same data and schedule, no teacher.
-    "ce": ["task=classify", "teacher=none", "loss=ce", "~task.cache_teacher_outputs"],
+    "ce": ["+baseline=ce"],
     "kd": ["loss=kd"],
     "dkd": ["loss=dkd"],
     "gkl": ["loss=gkl_fmnist"],

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Creates a virtual environment (default .venv, or $GKL_VENV) and installs gkl with its test and
-# sweep and rl extras, plus the offline Fashion-MNIST data set where the Debian package can be
-# installed.
+# Creates a virtual environment (default .venv, or $GKL_VENV) and installs gkl with its test,
+# sweep, rl and loggers extras, plus the offline Fashion-MNIST data set where the Debian package
+# can be installed.
 #   bash scripts/install.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${GKL_VENV:-.venv}"
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -e ".[dev,sweep,rl]"
+"$venv/bin/python" -m pip install -q -e ".[dev,sweep,rl,loggers]"
 # Independent PGD reference for the attack tests; its metadata pins an old requests, so no deps.
 "$venv/bin/python" -m pip install -q --no-deps torchattacks==3.5.1
 # robustbench 1.1 (its pins skipped) and fra31's `autoattack`, so the RobustBench and fra31

@@ -314,8 +314,12 @@ def test_loss_modules_share_one_calling_convention():
     target = torch.tensor([1, 2, 3, 4])
     prior_rows = random_prior_rows(4, 10)
     for module in (CrossEntropyLoss, KDLoss, DKDLoss, DKLLoss, GKLLoss, TradesKLLoss):
-        loss = module()(s, t, target, class_prior=prior_rows)
+        loss = module()(s, t, target)
         assert loss.ndim == 0 and torch.isfinite(loss)
+        if module is not GKLLoss:  # GKLLoss(use_class_prior=False) refuses rows it would ignore
+            assert torch.isfinite(module()(s, t, target, class_prior=prior_rows))
+    with pytest.raises(ValueError, match=r"use_class_prior=False\) was given class_prior"):
+        GKLLoss()(s, t, target, class_prior=prior_rows)
     torch.testing.assert_close(CrossEntropyLoss()(s, t, target), F.cross_entropy(s, target))
     gi = GKLLoss(beta=2.0, use_class_prior=True)
     torch.testing.assert_close(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -444,18 +443,19 @@ def test_weight_average_resumes_exactly_from_a_weights_only_checkpoint(tmp_path)
 
 
 def test_paper_table_collects_runs_into_cells_with_anchors(tmp_path):
-    import importlib.util
+    from gkl import paper
+    from gkl.runs import find_runs
 
-    spec = importlib.util.spec_from_file_location(
-        "paper_table", Path(__file__).resolve().parent.parent / "scripts" / "paper_table.py"
-    )
-    paper_table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(paper_table)
-
-    def fake_run(name, experiment, loss, seed, acc, best=None, evaluation=None):
+    def fake_run(name, experiment, loss, seed, acc, best=None, evaluation=None, beta=8.0):
         run_dir = tmp_path / name
         run_dir.mkdir(parents=True)
-        config = {"experiment_name": experiment, "loss": {"_target_": loss}}
+        config = {
+            "task_name": experiment,
+            "experiment_name": experiment,
+            "seed": seed,
+            "loss": {"_target_": loss, "beta": beta},
+            "paths": {"output_dir": str(run_dir)},
+        }
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
         record = {"metrics": {"test/acc": acc}, "seed": seed}
         (run_dir / "metrics.json").write_text(json.dumps(record))
@@ -469,27 +469,40 @@ def test_paper_table_collects_runs_into_cells_with_anchors(tmp_path):
 
     fake_run("a", "cifar100_kd_vgg13_vgg8", "gkl.losses.GKLLoss", 0, 0.70, best=0.72)
     fake_run("b", "cifar100_kd_vgg13_vgg8", "gkl.losses.GKLLoss", 1, 0.74, best=0.75)
+    # Same experiment and seed, another beta: a configuration of its own, never pooled.
+    fake_run("c", "cifar100_kd", "gkl.losses.GKLLoss", 0, 0.70, beta=4.0)
+    fake_run("d", "cifar100_kd", "gkl.losses.GKLLoss", 0, 0.76, beta=16.0)
     aa = {
         "clean_acc": 0.6,
         "autoattack_acc": 0.3,
         "n_examples": 200,
         "autoattack_version": "standard",
     }
-    fake_run("c", "cifar100_gkl_at", "gkl.losses.GKLLoss", 0, 0.6, evaluation=aa)
+    fake_run("e", "cifar100_gkl_at", "gkl.losses.GKLLoss", 0, 0.6, evaluation=aa)
+    fake_run("f", "fmnist_kd", "gkl.losses.GKLLoss", 0, 0.85)
     (tmp_path / "smoke").mkdir()
     (tmp_path / "smoke" / "metrics.smoke.json").write_text("{}")
-    runs = paper_table.collect([tmp_path])
-    assert len(runs) == 3
-    lines = paper_table.kd_table("KD", paper_table.KD_CIFAR, runs)
+    runs = find_runs([tmp_path])
+    assert len(runs) == 6
+    lines = paper.kd_table("KD", paper.KD_CIFAR, runs)
     (row,) = [line for line in lines if line.startswith("| vgg13 -> vgg8")]
     cells = [c.strip() for c in row.strip("|").split("|")]
     # KD ours/best/anchor, DKD ours/best/anchor, GKL ours/best/anchor
     assert cells[1:4] == ["", "", "72.98"] and cells[4:7] == ["", "", "74.68"]
     assert cells[7] == "72.00 ± 2.83 (n=2)" and cells[8] == "73.50 ± 2.12 (n=2)"
-    (at_row,) = [line for line in paper_table.at_table(runs) if "CIFAR-100 | GKL-AT |" in line]
-    assert "60.00 (n=1)*" in at_row and "30.00 (n=1)*" in at_row and "65.76" in at_row
-    empty = [line for line in paper_table.at_table(runs) if "CIFAR-10 | GKL-AT |" in line][0]
+    assert cells[9] == "missing"  # no GKL number in docs/anchors
+    (base,) = [line for line in lines if line.startswith("| resnet32x4 -> resnet8x4")]
+    gkl_cell = [c.strip() for c in base.strip("|").split("|")][7]
+    assert gkl_cell == "70.00 ± - (n=1) [loss.beta=4.0]; 76.00 ± - (n=1) [loss.beta=16.0]"
+    at = paper.at_table(runs)
+    (at_row,) = [line for line in at if "CIFAR-100 | GKL-AT |" in line]
+    assert "60.00 ± - (n=1)*" in at_row and "30.00 ± - (n=1)*" in at_row and "65.76" in at_row
+    empty = [line for line in at if "CIFAR-10 | GKL-AT |" in line][0]
     assert "|  |  | 85.31 | 57.09 |" in empty
+    (trades,) = [line for line in at if "CIFAR-100 | TRADES (authors'" in line]
+    assert "| about 60 | about 29 |" in trades  # as published, no invented decimals
+    text = paper.paper_tables(runs)
+    assert "### Other runs" in text and "| fmnist_kd | 85.00 ± - | 1 | 0 |" in text
 
 
 def test_second_view_is_autoaugment_and_cutout_zeroes_one_clipped_square():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -182,26 +183,39 @@ def test_multirun_with_two_values_launches_two_runs(tmp_path):
     assert betas == [1.0, 4.0]
 
 
-def test_optuna_sweep_runs_and_resumes_its_study(tmp_path):
+README_OPTUNA = "python train.py -m +experiment=fmnist_kd hparams_search=fmnist_gkl_optuna"
+
+
+def test_readme_optuna_command_runs_from_another_directory_and_resumes_its_study(tmp_path):
+    """The README's command as written (small overrides appended), started in a directory that is
+    not the repository, twice: the second invocation continues the sqlite study."""
     optuna = pytest.importorskip("optuna")
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
-    args = [
-        "-m",
-        "+experiment=fmnist_kd",
-        "hparams_search=fmnist_gkl_optuna",
+    assert README_OPTUNA in (ROOT / "README.md").read_text()
+    command = README_OPTUNA.split()[2:]  # after "python train.py"
+    small = [
+        "data.synthetic=true",
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=2",
         "trainer.limit_val_batches=2",
         "test=false",
-        "hydra.sweeper.n_trials=3",
-        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.n_trials=2",
     ]
-    for expected_trials in (3, 6):  # the study continues; each invocation gets its sweep dir
-        result = cli(tmp_path, *args, f"hydra.sweep.dir={tmp_path / f'sweep{expected_trials}'}")
+    env = {k: v for k, v in os.environ.items() if k != "GKL_ROOT"} | {"OMP_NUM_THREADS": "1"}
+    storage = f"sqlite:///{tmp_path / 'logs' / 'optuna_fmnist_gkl.db'}"
+    for expected_trials in (2, 4):
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *command, *small],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         study = optuna.load_study(study_name="fmnist_gkl", storage=storage)
         assert len(study.trials) == expected_trials
         assert all(t.state.name == "COMPLETE" for t in study.trials)
+    assert len(list((tmp_path / "logs" / "fmnist_kd" / "multiruns").iterdir())) == 2
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -75,7 +75,8 @@ class GKLLoss(nn.Module):
     """Generalized KL, ``beta * wMSE + alpha * soft_CE``; ``class_prior`` rows enable the GI form.
 
     ``use_class_prior`` tells the training task to maintain a :class:`ClassPrior` (with
-    ``temperature2``) and pass its rows; without it the weights are ``softmax(t / T2) ** gamma``.
+    ``temperature2``) and pass its rows; without it the weights are ``softmax(t / T2) ** gamma``
+    and rows passed anyway are an error (they would be ignored).
     """
 
     def __init__(
@@ -95,6 +96,12 @@ class GKLLoss(nn.Module):
     def forward(self, student_logits, teacher_logits, target, class_prior=None) -> torch.Tensor:
         if self.use_class_prior and class_prior is None:
             raise ValueError("GKLLoss(use_class_prior=True) needs class_prior rows (B, C)")
+        if not self.use_class_prior and class_prior is not None:
+            raise ValueError(
+                "GKLLoss(use_class_prior=False) was given class_prior rows, which it would "
+                "ignore: build it with use_class_prior=True (loss.use_class_prior=true) to weight "
+                "by the class prior, or pass class_prior=None"
+            )
         return gkl_loss(
             student_logits,
             teacher_logits,
@@ -103,7 +110,7 @@ class GKLLoss(nn.Module):
             gamma=self.gamma,
             temperature=self.temperature,
             temperature2=self.temperature2,
-            class_prior=class_prior if self.use_class_prior else None,
+            class_prior=class_prior,
         )
 
 

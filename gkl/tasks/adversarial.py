@@ -194,9 +194,10 @@ class AdversarialTask(ClassificationTask):
         objective = None
         attack_loss = self.attack_loss
         if attack_loss is not None and not isinstance(attack_loss, losses.TradesKLLoss):
+            rows = prior if getattr(attack_loss, "use_class_prior", False) else None
 
             def objective(adv_logits: Tensor, nat_logits: Tensor) -> Tensor:
-                return attack_loss(adv_logits, nat_logits, y, class_prior=prior)
+                return attack_loss(adv_logits, nat_logits, y, class_prior=rows)
 
         return trades_perturb(
             self.model,
@@ -246,7 +247,8 @@ class AdversarialTask(ClassificationTask):
     def _robust(self, adv: Tensor, nat: Tensor, y: Tensor, prior: Tensor | None) -> Tensor:
         if self.objective == "trades":
             return self.trades_beta * self.robust_loss(adv, nat, y)
-        return self.robust_loss(adv, nat, y, class_prior=prior)
+        uses_prior = getattr(self.robust_loss, "use_class_prior", False)
+        return self.robust_loss(adv, nat, y, class_prior=prior if uses_prior else None)
 
     def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
         x, y, *second = batch

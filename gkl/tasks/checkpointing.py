@@ -362,6 +362,27 @@ def _equal(a: Any, b: Any) -> bool:
     return a == b
 
 
+def _resume_hint(
+    saved: Mapping[str, Any], config: Mapping[str, Any], changes: list[tuple[str, Any, Any]]
+) -> str:
+    """Why the listed changes matter: another optimizer, or a schedule stretched by a longer run."""
+    keys = [key for key, _, _ in changes]
+    hints = []
+    if any(key.startswith("optim.optimizer.") for key in keys):
+        hints.append("a different optimizer cannot take over the checkpoint's optimizer state")
+    old_epochs = (saved.get("trainer") or {}).get("max_epochs")
+    new_epochs = (config.get("trainer") or {}).get("max_epochs")
+    if any(key.startswith("optim.scheduler.") for key in keys) and old_epochs != new_epochs:
+        hints.append(
+            f"trainer.max_epochs {old_epochs} -> {new_epochs} also changes the learning-rate "
+            "schedule, which follows the run length: the epochs already trained followed the "
+            f"{old_epochs}-epoch schedule, so the result is neither the {old_epochs}- nor a "
+            f"{new_epochs}-epoch run; train {new_epochs} epochs from scratch for that, or accept "
+            "the stretched schedule"
+        )
+    return f" ({'; '.join(hints)})" if hints else ""
+
+
 def check_resume_config(
     checkpoint: Mapping[str, Any], config: Mapping[str, Any], ckpt_path: str | Path
 ) -> list[tuple[str, Any, Any]]:
@@ -373,9 +394,7 @@ def check_resume_config(
     changes = config_changes(saved, config)
     if changes and not config.get(ALLOW_CHANGES_KEY, False):
         listed = "\n".join(f"  {key}: {old!r} -> {new!r}" for key, old, new in changes)
-        hint = ""
-        if any(key.startswith("optim.") for key, _, _ in changes):
-            hint = " (a different optimizer cannot take over the checkpoint's optimizer state)"
+        hint = _resume_hint(saved, config, changes)
         raise ValueError(
             f"ckpt_path={ckpt_path}: the config differs from the one the checkpoint was trained "
             f"with, so the resumed run would not continue that run{hint}:\n{listed}\n"

@@ -1,18 +1,21 @@
-"""Progress a person can follow: train.py's rich bar, a per-epoch progress file, the run summary."""
+"""Progress a person can follow: train.py's rich bar on a terminal, one flushed line per epoch
+elsewhere (Slurm, nohup, ``> out.txt``), a per-epoch progress file, the run summary."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 
 from gkl.io import atomic_write_json
@@ -72,6 +75,12 @@ class MetricsProgressBar(RichProgressBar):
         super().__init__(**kwargs)
         self.metric_names = tuple(metrics)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        line = resume_line(trainer)
+        if line and trainer.is_global_zero:
+            print(line, flush=True)
+        super().on_train_start(trainer, pl_module)
+
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         shown: dict[str, Any] = {}
         for name in self.metric_names:
@@ -79,6 +88,134 @@ class MetricsProgressBar(RichProgressBar):
             if value is not None:
                 shown[name] = value
         return shown
+
+
+def resume_line(trainer: pl.Trainer) -> str | None:
+    """``Restoring states from checkpoint <path>: ...`` for a resumed fit (after the restore),
+    else ``None``."""
+    if not trainer.ckpt_path:
+        return None
+    done = trainer.current_epoch
+    total = f"/{trainer.max_epochs}" if trainer.max_epochs not in (None, -1) else ""
+    return (
+        f"Restoring states from checkpoint {trainer.ckpt_path}: {done} epoch(s) and "
+        f"{trainer.global_step} step(s) done, continuing with epoch {done + 1}{total}"
+    )
+
+
+def _hms(seconds: float) -> str:
+    return str(timedelta(seconds=round(seconds)))
+
+
+def epoch_line(
+    epoch: int,
+    max_epochs: int | None,
+    metrics: Mapping[str, float],
+    elapsed: float,
+    seconds_per_epoch: float | None,
+) -> str:
+    """``epoch 2/3 | train/loss 0.4213 | val/acc 84.10% | elapsed 0:00:21 | ETA 0:00:10``.
+
+    ``epoch`` counts from 1; accuracies (names ending in ``acc``) print as percentages; the ETA is
+    ``seconds_per_epoch * (max_epochs - epoch)`` (``?`` without a known length or pace)."""
+    known = max_epochs is not None and max_epochs >= 0
+    parts = [f"epoch {epoch}/{max_epochs}" if known else f"epoch {epoch}"]
+    for name, value in metrics.items():
+        parts.append(
+            f"{name} {100 * value:.2f}%" if name.endswith("acc") else f"{name} {value:.4f}"
+        )
+    parts.append(f"elapsed {_hms(elapsed)}")
+    if known and seconds_per_epoch is not None:
+        parts.append(f"ETA {_hms(seconds_per_epoch * max(max_epochs - epoch, 0))}")
+    else:
+        parts.append("ETA ?")
+    return " | ".join(parts)
+
+
+class EpochLines(ProgressBar):
+    """Progress where stdout is not a terminal: one line per epoch (:func:`epoch_line`: the
+    training loss, every logged ``val/`` metric, elapsed time and ETA), flushed as it is printed,
+    and :func:`resume_line` when a fit resumes from a checkpoint.
+
+    The pace is measured over the epochs this process ran, so a resumed run's ETA is honest."""
+
+    def __init__(
+        self, metrics: Sequence[str] = DEFAULT_BAR_METRICS, stream: IO[str] | None = None
+    ) -> None:
+        super().__init__()
+        self.metric_names = tuple(metrics)
+        self.stream = stream
+        self._enabled = True
+        self._start_time = 0.0
+        self._start_epoch = 0
+        self._pending: str | None = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _print(self, line: str) -> None:
+        stream = self.stream if self.stream is not None else sys.stdout
+        print(line, file=stream, flush=True)
+
+    def shown_metrics(self, trainer: pl.Trainer) -> dict[str, float]:
+        """``metrics`` then every other ``val/`` scalar in ``trainer.callback_metrics``."""
+        names = [*self.metric_names]
+        names += sorted(n for n in trainer.callback_metrics if n.startswith("val/"))
+        shown: dict[str, float] = {}
+        for name in dict.fromkeys(names):
+            value = _scalar(trainer.callback_metrics.get(name))
+            if value is not None:
+                shown[name] = value
+        return shown
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_epoch = trainer.current_epoch
+        self._start_time = time.monotonic()
+        line = resume_line(trainer)
+        if line and self._enabled and trainer.is_global_zero:
+            self._print(line)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not self._enabled or not trainer.is_global_zero:
+            return
+        done = trainer.current_epoch + 1
+        elapsed = time.monotonic() - self._start_time
+        ran = done - self._start_epoch
+        per_epoch = elapsed / ran if ran > 0 else None
+        metrics = self.shown_metrics(trainer)
+        self._pending = epoch_line(done, trainer.max_epochs, metrics, elapsed, per_epoch)
+
+    def _flush_pending(self) -> None:
+        if self._pending is not None:
+            self._print(self._pending)
+            self._pending = None
+
+    # The line is printed once the epoch's checkpoints are written (checkpoint callbacks run after
+    # this one's on_train_epoch_end): a job killed after "epoch 3/6" resumes after epoch 3.
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush_pending()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush_pending()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._flush_pending()
+
+
+def progress_bar(
+    metrics: Sequence[str] = DEFAULT_BAR_METRICS, stream: IO[str] | None = None
+) -> ProgressBar:
+    """The rich bar (:class:`MetricsProgressBar`) when ``stream`` (default stdout) is a
+    terminal, else :class:`EpochLines` (cluster logs, ``nohup``, ``> out.txt``)."""
+    out = stream if stream is not None else sys.stdout
+    if out.isatty():
+        return MetricsProgressBar(metrics)
+    return EpochLines(metrics, stream)
 
 
 class ProgressFile(pl.Callback):
