@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from gkl.checks import check_count, check_non_negative_number, check_number
 from gkl.config import CONFIG_DIR
 from gkl.data.build import build_datamodule
 from gkl.io import atomic_torch_save, atomic_write_json, atomic_write_text
@@ -23,6 +24,7 @@ from gkl.run_dir import RunLock, check_run_directory, remove_stale_temp_files
 from gkl.tasks.checkpointing import (
     ResumeStateCallback,
     SafeCheckpointIO,
+    check_lightning_checkpoint,
     check_resume_config,
     load_checkpoint,
 )
@@ -40,6 +42,7 @@ SMOKE_METRICS_FILE = "metrics.smoke.json"
 METRICS_FILE = "metrics.json"
 # Fewer training or test images than this make a run a smoke test (NOT_A_RESULT).
 MIN_RESULT_IMAGES = 1000
+MAX_SEED = 2**32 - 1  # numpy's seed range, which Lightning's seed_everything enforces
 
 
 def has_teacher(cfg: DictConfig) -> bool:
@@ -176,10 +179,16 @@ def check_inputs(cfg: DictConfig) -> None:
     seed = cfg.get("seed")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed={seed!r}: the seed must be an integer, e.g. seed=0")
+    check_number("seed", seed, low=0, high=MAX_SEED, integer=True)
     for key in ("max_epochs", "max_steps"):
         value = cfg.trainer.get(key)
         if value is not None and (not isinstance(value, int) or value < -1):
             raise ValueError(f"trainer.{key}={value!r} must be an integer >= 0 (-1: no limit)")
+    for key in ("accumulate_grad_batches", "check_val_every_n_epoch", "log_every_n_steps"):
+        if cfg.trainer.get(key) is not None:
+            check_count(f"trainer.{key}", cfg.trainer.get(key))
+    if cfg.trainer.get("gradient_clip_val") is not None:
+        check_non_negative_number("trainer.gradient_clip_val", cfg.trainer.gradient_clip_val)
     if cfg.get("export_weights"):
         check_writable(Path(cfg.export_weights), "export_weights")
 
@@ -225,6 +234,7 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:  # before building anything: a safe, readable checkpoint of this config
         checkpoint = load_checkpoint(ckpt_path, mmap=True)
+        check_lightning_checkpoint(checkpoint, ckpt_path)
         for key, old, new in check_resume_config(checkpoint, config, ckpt_path):
             log.warning("resuming with a changed config: %s: %r -> %r", key, old, new)
         del checkpoint
