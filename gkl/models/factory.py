@@ -7,7 +7,6 @@ from typing import Any
 from torch import nn
 
 from gkl.checks import check_count
-
 from gkl.models.cifar import CIFAR_MODELS
 from gkl.models.small import SMALL_MODELS
 
