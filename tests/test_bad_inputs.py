@@ -24,7 +24,14 @@ from torch import nn
 
 from gkl import losses as L
 from gkl.attacks import ThreatModel, parse_eps, parse_number, pgd, trades_perturb
-from gkl.data import CIFARDataModule, FashionMNISTDataModule
+from gkl.data import (
+    CIFARDataModule,
+    FashionMNISTDataModule,
+    ImageTensorDataset,
+    MixedBatchSampler,
+    RandomCropFlip,
+    split_indices,
+)
 from gkl.data.build import build_datamodule
 from gkl.data.cifar import read_cifar
 from gkl.data.generated import load_generated_npz
@@ -387,16 +394,6 @@ for key, value in (
 add("data-val_size--1", lambda _: fmnist(val_size=-1), r"data\.val_size=-1 must be an integer")
 add("data-val_size-1.5", lambda _: fmnist(val_size=1.5), r"data\.val_size=1\.5 must be an integer")
 add(
-    "data-train_subset-beyond-split",
-    lambda _: fmnist(train_subset=10_000_000).setup("fit"),
-    r"data\.train_subset=10000000 is more than the 512 training images",
-)
-add(
-    "data-test_size-beyond-split",
-    lambda _: fmnist(test_size=10_000_000).setup("test"),
-    r"data\.test_size=10000000 is more than the 256 test images",
-)
-add(
     "data-synthetic_sizes-length",
     lambda _: fmnist(synthetic_sizes=(10, 5)),
     r"synthetic_sizes must be \(train, val, test\)",
@@ -419,6 +416,32 @@ for value in (0.0, 1.0, NAN, -0.5):
         ),
         rf"data\.generated_fraction must be (a finite number )?in \(0, 1\), got {value}",
     )
+
+
+add("RandomCropFlip-padding--1", lambda _: RandomCropFlip(-1), r"padding must be an integer >= 0")
+add("RandomCropFlip-padding-1.5", lambda _: RandomCropFlip(1.5), r"padding must be an integer >= 0")
+add(
+    "split_indices-val_size",
+    lambda _: split_indices(10, 10, 0),
+    r"val_size=10 must be in \[0, 10\)",
+)
+add(
+    "ImageTensorDataset-float-images",
+    lambda _: ImageTensorDataset(torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long)),
+    r"images must be uint8 NCHW, got torch\.float32",
+)
+add(
+    "ImageTensorDataset-label-count",
+    lambda _: ImageTensorDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(3)),
+    r"labels shape \(3,\) != \(2,\)",
+)
+add(
+    "MixedBatchSampler-fraction",
+    lambda _: MixedBatchSampler(
+        num_real=100, num_generated=100, batch_size=10, fraction=1.5, seed=0
+    ),
+    r"generated_fraction=1\.5 must be in \(0, 1\)",
+)
 
 
 def data_cfg(**changes):
@@ -541,6 +564,13 @@ add(
     r"data\.val_size=50 must be in \[0, 12\)",
 )
 add(
+    "fmnist-test_size-beyond-split",
+    lambda tmp: FashionMNISTDataModule(fmnist_dir(tmp / "f"), val_size=2, test_size=7).setup(
+        "test"
+    ),
+    r"data\.test_size=7 is more than the 6 test images; set data\.test_size<=6",
+)
+add(
     "fmnist-train_subset-beyond-split",
     lambda tmp: FashionMNISTDataModule(fmnist_dir(tmp / "f"), val_size=2, train_subset=11).setup(
         "fit"
@@ -616,6 +646,14 @@ for name, arrays, match in NPZ_ROWS:
         lambda tmp, arrays=arrays: load_generated_npz(npz(tmp, **arrays), 10, (3, 32, 32)),
         rf"gen\.npz.*{match}",
     )
+
+
+add(
+    "npz-file-missing",
+    lambda tmp: load_generated_npz(tmp / "gen.npz", 10, (3, 32, 32)),
+    r"generated data file not found: .*gen\.npz \(data\.generated_path\)",
+    FileNotFoundError,
+)
 
 
 @row("npz-file-not-zip", r"gen\.npz is not a readable \.npz archive")
@@ -885,6 +923,8 @@ def built(groups: tuple[str, ...], **changes):
     loss = instantiate(cfg.loss) if cfg.get("loss") else None
     teacher = tiny_model() if "task=distill" in groups else None
     build_task(cfg, model, teacher, loss, datamodule.num_classes)
+    for callback in (cfg.get("callbacks") or {}).values():
+        instantiate(callback)
     datamodule.setup("fit")
 
 
@@ -904,11 +944,12 @@ CONFIG_ROWS = [
     ((), {"data.batch_size": "big"}, r"data\.batch_size must be an integer >= 1, got 'big'"),
     ((), {"data.batch_size": 0}, r"data\.batch_size must be an integer >= 1, got 0"),
     ((), {"data.input_shape": [3, 32, 32]}, r"data\.input_shape=\[3, 32, 32\]"),
-    ((), {"data.train_subset": 10_000_000}, r"data\.train_subset=10000000 is more than"),
     ((), {"optim.optimizer.lr": INF}, r"optim\.optimizer\.lr must be a finite number > 0"),
     ((), {"optim.optimizer.lr": -0.001}, r"optim\.optimizer\.lr must be > 0, got -0\.001"),
     ((), {"optim.optimizer.weight_decay": -1.0}, r"optim\.optimizer\.weight_decay must be >= 0"),
     ((), {"model.num_classes": 0}, r"num_classes must be an integer >= 1, got 0"),
+    ((), {"callbacks.mid_epoch_checkpoint.every_n_train_steps": -1}, r"every_n_train_steps=-1"),
+    ((), {"callbacks.model_checkpoint.save_top_k": -2}, r"save_top_k=-2. Must be >= -1"),
     (ADV, {"task.trades_beta": -6.0}, r"task\.trades_beta must be >= 0, got -6\.0"),
     (ADV, {"task.ce_weight": NAN}, r"task\.ce_weight must be a finite number >= 0, got nan"),
     (ADV, {"task.steps": 0}, r"task\.steps must be an integer >= 1, got 0"),
@@ -926,6 +967,12 @@ for groups, changes, match in CONFIG_ROWS:
         match,
         Exception,  # Hydra's InstantiationException carries the builder's ValueError message
     )
+
+
+@row("config-data.train_subset-beyond-real-split", r"data\.train_subset=10000000 is more than")
+def _(tmp):
+    changes = {"data.synthetic": False, "data.data_dir": str(fmnist_dir(tmp / "f"))}
+    built((), **changes, **{"data.val_size": 2, "data.train_subset": 10_000_000})
 
 
 @row("config-ckpt_path-bare-state_dict", r"ckpt_path=.*w\.pth holds a bare state_dict")

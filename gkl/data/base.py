@@ -39,7 +39,8 @@ def check_label_range(path: Path, labels: np.ndarray, num_classes: int) -> None:
 
 
 def check_subset_size(key: str, wanted: int, available: int, split: str) -> None:
-    """Refuse ``data.<key>`` larger than the split instead of silently taking all of it."""
+    """Refuse ``data.<key>`` larger than the real split instead of silently taking all of it
+    (synthetic smoke-test splits are small on purpose and keep any subset size)."""
     if wanted > available:
         after = " left after the validation split" if split == "training" else ""
         raise ValueError(
@@ -179,7 +180,7 @@ class ImageDataModule(pl.LightningDataModule):
         """Seeded ``(train, val)`` indices of the training split, with ``train_subset`` applied."""
         val_size = self.synthetic_sizes[1] if self.is_synthetic and self.val_size else self.val_size
         train_idx, val_idx = split_indices(n, val_size, self.seed)
-        if self.train_subset is not None:
+        if self.train_subset is not None and not self.is_synthetic:  # smoke tests: any size
             check_subset_size("train_subset", self.train_subset, len(train_idx), "training")
             train_idx = train_idx[: self.train_subset]
         return train_idx, val_idx
@@ -194,7 +195,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def _test_set(self) -> Dataset:
         images, labels = self._source(train=False)
-        if self.test_size is not None:
+        if self.test_size is not None and not self.is_synthetic:
             check_subset_size("test_size", self.test_size, len(labels), "test")
         return ImageTensorDataset(images[: self.test_size], labels[: self.test_size])
 
