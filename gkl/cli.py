@@ -15,10 +15,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from gkl.checks import check_count, check_non_negative_number, check_number
 from gkl.config import CONFIG_DIR
 
 # Hydra's grid sweeper: it launches runs but selects nothing from their return values.
 GRID_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+MAX_SEED = 2**32 - 1  # numpy's seed range, which Lightning's seed_everything enforces
 
 
 def check_inputs(cfg: DictConfig) -> None:
@@ -26,10 +28,16 @@ def check_inputs(cfg: DictConfig) -> None:
     seed = cfg.get("seed")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"seed={seed!r}: the seed must be an integer, e.g. seed=0")
+    check_number("seed", seed, low=0, high=MAX_SEED, integer=True)
     for key in ("max_epochs", "max_steps"):
         value = cfg.trainer.get(key)
         if value is not None and (not isinstance(value, int) or value < -1):
             raise ValueError(f"trainer.{key}={value!r} must be an integer >= 0 (-1: no limit)")
+    for key in ("accumulate_grad_batches", "check_val_every_n_epoch", "log_every_n_steps"):
+        if cfg.trainer.get(key) is not None:
+            check_count(f"trainer.{key}", cfg.trainer.get(key))
+    if cfg.trainer.get("gradient_clip_val") is not None:
+        check_non_negative_number("trainer.gradient_clip_val", cfg.trainer.gradient_clip_val)
     if cfg.get("export_weights"):
         check_writable(Path(cfg.export_weights), "export_weights")
 

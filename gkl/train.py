@@ -27,6 +27,7 @@ from gkl.tasks.checkpointing import (
     InterruptCheckpoint,
     ResumeStateCallback,
     SafeCheckpointIO,
+    check_lightning_checkpoint,
     check_resume_config,
     check_resume_fingerprints,
     load_checkpoint,
@@ -229,6 +230,7 @@ def _fit_and_test(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path:  # before building anything: a safe, readable checkpoint of this config
         checkpoint = load_checkpoint(ckpt_path, mmap=True)
+        check_lightning_checkpoint(checkpoint, ckpt_path)
         for key, old, new in check_resume_config(checkpoint, config, ckpt_path):
             log.warning("resuming with a changed config: %s: %r -> %r", key, old, new)
         check_resume_fingerprints(checkpoint, config, ckpt_path)

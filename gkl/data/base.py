@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from gkl.checks import check_count
 from gkl.data.datasets import BatchTransform, ImageTensorDataset
 from gkl.data.teacher_cache import TeacherLogitsDataset, compute_teacher_logits
 
@@ -19,9 +21,32 @@ from gkl.data.teacher_cache import TeacherLogitsDataset, compute_teacher_logits
 def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
     """Seeded random split of ``range(n)`` into ``(train, val)`` index tensors."""
     if not 0 <= val_size < n:
-        raise ValueError(f"val_size={val_size} must be in [0, {n}) for a training set of {n}")
+        raise ValueError(
+            f"data.val_size={val_size} must be in [0, {n}) for a training set of {n} images"
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[val_size:], perm[:val_size]
+
+
+def check_label_range(path: Path, labels: np.ndarray, num_classes: int) -> None:
+    """Refuse a label file (``path``) with labels outside ``[0, num_classes)``."""
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(
+            f"{path} holds labels in [{labels.min()}, {labels.max()}] but the data set has "
+            f"{num_classes} classes, so labels must lie in [0, {num_classes - 1}]; the file is "
+            "corrupt or belongs to another data set: replace it"
+        )
+
+
+def check_subset_size(key: str, wanted: int, available: int, split: str) -> None:
+    """Refuse ``data.<key>`` larger than the real split instead of silently taking all of it
+    (synthetic smoke-test splits are small on purpose and keep any subset size)."""
+    if wanted > available:
+        after = " left after the validation split" if split == "training" else ""
+        raise ValueError(
+            f"data.{key}={wanted} is more than the {available} {split} images{after}; "
+            f"set data.{key}<={available}, or null for all of them"
+        )
 
 
 class EpochSampler(DistributedSampler):
@@ -91,8 +116,9 @@ class ImageDataModule(pl.LightningDataModule):
         drop_last: bool = False,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or num_workers < 0:
-            raise ValueError(f"bad batch_size={batch_size} or num_workers={num_workers}")
+        check_count("data.batch_size", batch_size)
+        check_count("data.num_workers", num_workers, minimum=0)
+        check_count("data.seed", seed, minimum=0)
         for name, value in (("train_subset", train_subset), ("test_size", test_size)):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
@@ -119,6 +145,10 @@ class ImageDataModule(pl.LightningDataModule):
         self.drop_last = drop_last
         if len(self.synthetic_sizes) != 3:
             raise ValueError(f"synthetic_sizes must be (train, val, test), got {synthetic_sizes}")
+        if min(self.synthetic_sizes) < 1:
+            raise ValueError(
+                f"data.synthetic_sizes must be three integers >= 1, got {tuple(synthetic_sizes)}"
+            )
         self.val_is_test = val_size == 0
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -152,7 +182,8 @@ class ImageDataModule(pl.LightningDataModule):
         """Seeded ``(train, val)`` indices of the training split, with ``train_subset`` applied."""
         val_size = self.synthetic_sizes[1] if self.is_synthetic and self.val_size else self.val_size
         train_idx, val_idx = split_indices(n, val_size, self.seed)
-        if self.train_subset is not None:
+        if self.train_subset is not None and not self.is_synthetic:  # smoke tests: any size
+            check_subset_size("train_subset", self.train_subset, len(train_idx), "training")
             train_idx = train_idx[: self.train_subset]
         return train_idx, val_idx
 
@@ -166,6 +197,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     def _test_set(self) -> Dataset:
         images, labels = self._source(train=False)
+        if self.test_size is not None and not self.is_synthetic:
+            check_subset_size("test_size", self.test_size, len(labels), "test")
         return ImageTensorDataset(images[: self.test_size], labels[: self.test_size])
 
     # --- Lightning hooks ------------------------------------------------------------------------

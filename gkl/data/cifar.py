@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import check_integrity
 
-from gkl.data.base import ImageDataModule
+from gkl.checks import check_number
+from gkl.data.base import ImageDataModule, check_label_range
 from gkl.data.datasets import BatchTransform, ConcatImageDataset, ImageTensorDataset, RandomCropFlip
 from gkl.data.generated import IndexBatchDataset, MixedBatchSampler, load_generated_npz
 
@@ -154,11 +155,16 @@ def read_cifar(
         data = np.asarray(entry["data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise ValueError(f"{path}: 'data' must be (N, 3072) uint8, got {data.shape}")
+        batch_labels = np.asarray(entry[spec.label_key])
+        if batch_labels.shape != (len(data),):
+            raise ValueError(
+                f"{path}: {len(data)} images but {batch_labels.size} labels "
+                f"('{spec.label_key}'); the file is corrupt: replace it with the official archive"
+            )
+        check_label_range(path, batch_labels, spec.num_classes)
         images.append(data.reshape(-1, 3, 32, 32))
-        labels.extend(entry[spec.label_key])
-    label_tensor = torch.as_tensor(labels, dtype=torch.long)
-    if label_tensor.min() < 0 or label_tensor.max() >= spec.num_classes:
-        raise ValueError(f"{folder}: labels outside [0, {spec.num_classes - 1}]")
+        labels.append(batch_labels)
+    label_tensor = torch.as_tensor(np.concatenate(labels), dtype=torch.long)
     return torch.from_numpy(np.concatenate(images)), label_tensor
 
 
@@ -196,8 +202,15 @@ class CIFARDataModule(ImageDataModule):
         self.generated_path = generated_path
         self.generated_fraction = generated_fraction
         self.generated_set: ImageTensorDataset | None = None
-        if generated_path is not None and not 0.0 < generated_fraction < 1.0:
-            raise ValueError(f"generated_fraction={generated_fraction} must be in (0, 1)")
+        if generated_path is not None:
+            check_number(
+                "data.generated_fraction",
+                generated_fraction,
+                low=0,
+                high=1,
+                low_open=True,
+                high_open=True,
+            )
 
     def prepare_data(self) -> None:
         """Download and md5-check the archive with torchvision when ``download=True``; the files

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset
 
+from gkl.checks import check_count
+
 BatchTransform = Callable[[Tensor], Tensor]
 
 
@@ -96,7 +98,7 @@ class RandomCropFlip:
     """
 
     def __init__(self, padding: int, flip: bool = True) -> None:
-        self.padding = padding
+        self.padding = check_count("padding", padding, minimum=0)
         self.flip = flip
 
     def __call__(self, images: Tensor) -> Tensor:

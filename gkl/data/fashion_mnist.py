@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gkl.data.base import ImageDataModule
+from gkl.data.base import ImageDataModule, check_label_range
 from gkl.data.datasets import BatchTransform, RandomCropFlip
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
@@ -97,12 +97,19 @@ class FashionMNISTDataModule(ImageDataModule):
                 f"data.download=true to download them with torchvision into {self.data_dir}."
             )
         image_name, label_name = FILES[train]
-        images, labels = read_idx(files[image_name]), read_idx(files[label_name])
-        if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
+        image_path, label_path = files[image_name], files[label_name]
+        images, labels = read_idx(image_path), read_idx(label_path)
+        if images.ndim != 3 or images.shape[1:] != (28, 28):
             raise ValueError(
-                f"unexpected Fashion-MNIST shapes in {files[image_name].parent}: "
-                f"images {images.shape}, labels {labels.shape}"
+                f"{image_path} holds images of shape {images.shape}; Fashion-MNIST's are "
+                "(N, 28, 28): replace the file"
             )
+        if labels.shape != images.shape[:1]:
+            raise ValueError(
+                f"{label_path} has {labels.size} labels (shape {labels.shape}) but {image_path} "
+                f"has {len(images)} images: one of the files is corrupt or from another split"
+            )
+        check_label_range(label_path, labels, self.num_classes)
         images_nchw = torch.from_numpy(images).unsqueeze(1)
         return images_nchw, torch.from_numpy(labels.astype(np.int64))
 

@@ -17,7 +17,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
-from gkl.data.base import ImageDataModule
+from gkl.data.base import ImageDataModule, check_subset_size
 from gkl.data.datasets import TransformSubset
 
 
@@ -212,6 +212,7 @@ class ImageNetDataModule(ImageDataModule):
         folder = self._folder("val")
         indices: Tensor = torch.arange(len(folder))
         if self.test_size is not None:
+            check_subset_size("test_size", self.test_size, len(folder), "test")
             gen = torch.Generator().manual_seed(self.seed)
             indices = torch.randperm(len(folder), generator=gen)[: self.test_size].sort().values
         return TransformSubset(

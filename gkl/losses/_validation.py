@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from gkl.checks import check_non_negative_number, check_positive_number
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -68,18 +70,20 @@ def check_pair(
 
 
 def check_positive(name: str, value: float) -> None:
-    """Require ``value > 0`` (a temperature, a class count)."""
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    """Require a finite ``value > 0`` (a temperature)."""
+    check_positive_number(name, value)
 
 
 def check_non_negative(name: str, value: float) -> None:
-    """Require ``value >= 0`` (a loss weight: a negative one turns the loss into a gain)."""
-    if not value >= 0:
-        raise ValueError(
-            f"{name} must be >= 0, got {value}: a negative weight makes the loss reward the "
-            f"divergence it should reduce; use {name}=0 to switch the term off"
-        )
+    """Require a finite ``value >= 0`` (a loss weight: a negative one turns the loss into a
+    gain)."""
+    hint = (
+        ": a negative weight makes the loss reward the divergence it should reduce; "
+        f"use {name}=0 to switch the term off"
+    )
+    check_non_negative_number(
+        name, value, hint=hint if isinstance(value, int | float) and value < 0 else ""
+    )
 
 
 def check_target(target: torch.Tensor, logits: torch.Tensor, *, check_range: bool) -> None:

@@ -198,4 +198,4 @@ def dkl_loss(
         w = F.softmax(t, dim=1)
     pairwise, _ = _pairwise_wmse_sum(t - s.detach(), w)
     wmse = pairwise / s.shape[0]
-    return beta * wmse + alpha * soft_cross_entropy(s, t)
+    return beta * wmse + alpha * soft_cross_entropy(s, t, check_finite=False)

@@ -68,8 +68,11 @@ def soft_cross_entropy(
     teacher_logits: torch.Tensor,
     *,
     temperature: float = 1.0,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """``mean_b( -sg(softmax(t_b / T)) . log_softmax(s_b / T) )``: no gradient into t."""
+    check_pair(student_logits, teacher_logits, check_finite=check_finite)
+    check_positive("temperature", temperature)
     s = as_float32_or_wider(student_logits) / temperature
     p_t = F.softmax(as_float32_or_wider(teacher_logits).detach() / temperature, dim=1)
     return -(p_t * F.log_softmax(s, dim=1)).sum(dim=1).mean()

@@ -10,10 +10,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validation import as_float32_or_wider
+from ._validation import as_float32_or_wider, check_non_negative, check_positive
 from .dkd import dkd_loss
 from .gkl import dkl_loss, gkl_loss
 from .kl import kd_loss, trades_kl
+
+
+def _check_options(loss: str, weights: tuple[float, ...], temperatures: tuple[float, ...]) -> None:
+    """Refuse a bad weight (``alpha, beta[, gamma]``: finite, >= 0) or temperature (finite, > 0)
+    when the module is built, naming it as ``<loss>.<argument>``."""
+    for name, value in zip(("alpha", "beta", "gamma"), weights, strict=False):
+        check_non_negative(f"{loss}.{name}", value)
+    for name, value in zip(("temperature", "temperature2"), temperatures, strict=False):
+        check_positive(f"{loss}.{name}", value)
 
 
 class CrossEntropyLoss(nn.Module):
@@ -30,6 +39,7 @@ class KDLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0) -> None:
         super().__init__()
+        check_positive("KDLoss.temperature", temperature)
         self.temperature = temperature
 
     def forward(self, student_logits, teacher_logits, target, class_prior=None) -> torch.Tensor:
@@ -41,6 +51,7 @@ class DKDLoss(nn.Module):
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> None:
         super().__init__()
+        _check_options("DKDLoss", (alpha, beta), (temperature,))
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
 
     def forward(self, student_logits, teacher_logits, target, class_prior=None) -> torch.Tensor:
@@ -59,6 +70,7 @@ class DKLLoss(nn.Module):
 
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, temperature: float = 1.0) -> None:
         super().__init__()
+        _check_options("DKLLoss", (alpha, beta), (temperature,))
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
 
     def forward(self, student_logits, teacher_logits, target, class_prior=None) -> torch.Tensor:
@@ -89,6 +101,7 @@ class GKLLoss(nn.Module):
         use_class_prior: bool = False,
     ) -> None:
         super().__init__()
+        _check_options("GKLLoss", (alpha, beta, gamma), (temperature, temperature2))
         self.alpha, self.beta, self.gamma = alpha, beta, gamma
         self.temperature, self.temperature2 = temperature, temperature2
         self.use_class_prior = use_class_prior

@@ -222,8 +222,21 @@ def load_state_dict_strict(
     report = describe_mismatch(model, sd, arch_name)
     if report is not None:
         raise ValueError(f"{report}\n  (file: {source})")
+    check_finite_weights(sd, source)
     model.load_state_dict(sd, strict=True)
     return model
+
+
+def check_finite_weights(sd: StateDict, source: str = "checkpoint") -> None:
+    """Refuse weights holding NaN or Inf (a diverged run), naming the file and the tensor."""
+    for key, value in sd.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(
+                f"{source}: {bad} non-finite value{'s' if bad != 1 else ''} (NaN or Inf) in "
+                f"{key} (shape {tuple(value.shape)}): the weights come from a diverged run; "
+                "use an earlier checkpoint of that run, or retrain with a lower learning rate"
+            )
 
 
 def load_mdistiller_checkpoint(

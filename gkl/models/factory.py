@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from gkl.checks import check_count
 from gkl.models.cifar import CIFAR_MODELS
 from gkl.models.small import SMALL_MODELS
 
@@ -63,6 +64,10 @@ def create_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
     :class:`gkl.models.wrappers.Normalized` for ``[0, 1]`` images.
     """
     reject_timm_prefix(name, "model")
+    check_count("num_classes", num_classes)
+    for key in ("in_channels", "image_size"):
+        if key in kwargs:
+            check_count(key, kwargs[key])
     if name not in MODEL_REGISTRY:
         hint = _suggest(name, list_models())
         raise ValueError(

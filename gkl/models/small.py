@@ -21,6 +21,11 @@ class SmallCNN(nn.Module):
         hidden: int | None = None,
     ) -> None:
         super().__init__()
+        if image_size < 2 ** len(channels):
+            raise ValueError(
+                f"image_size={image_size} is too small for {len(channels)} pooling stages: need "
+                f">= {2 ** len(channels)} (each halves the image)"
+            )
         blocks: list[nn.Module] = []
         size = image_size
         for out_channels in channels:

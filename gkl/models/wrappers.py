@@ -5,6 +5,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from gkl.checks import check_number, check_positive_number
+
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
@@ -26,8 +28,10 @@ class Normalized(nn.Module):
         super().__init__()
         if len(mean) != len(std):
             raise ValueError(f"mean and std lengths differ: {len(mean)} vs {len(std)}")
-        if any(s <= 0 for s in std):
-            raise ValueError(f"std must be positive, got {tuple(std)}")
+        for value in mean:
+            check_number("mean", value)
+        for value in std:
+            check_positive_number("std", value)
         self.model = model
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)

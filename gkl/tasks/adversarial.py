@@ -11,6 +11,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from gkl import losses
 from gkl.attacks import NORMS, ThreatModel, parse_number, pgd, trades_perturb
 from gkl.attacks.defaults import default_step_size
+from gkl.checks import check_count, check_non_negative_number, check_number
 
 from .awp import Forward, add_perturbation, awp_perturbation
 from .classify import ClassificationTask, OptimizerFactory, SchedulerFactory
@@ -106,31 +107,41 @@ class AdversarialTask(ClassificationTask):
             raise ValueError(f"unknown objective {objective!r}; valid names: {list(OBJECTIVES)}")
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; valid names: {list(NORMS)}")
-        if steps < 1 or val_pgd_steps < 1:
-            raise ValueError(
-                f"need steps >= 1 and val_pgd_steps >= 1, got {steps}, {val_pgd_steps}"
-            )
-        if eps_ramp_epochs < 0 or val_pgd_subset < 0 or awp_gamma < 0:
-            raise ValueError(
-                "eps_ramp_epochs, val_pgd_subset and awp_gamma must be >= 0 (0 turns them off), "
-                f"got {eps_ramp_epochs}, {val_pgd_subset}, {awp_gamma}"
-            )
-        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1) (null or 0: off), got {ema_decay}")
+        for key, value in (("steps", steps), ("val_pgd_steps", val_pgd_steps)):
+            check_count(f"task.{key}", value)
+        for key, value in (
+            ("eps_ramp_epochs", eps_ramp_epochs),
+            ("val_pgd_subset", val_pgd_subset),
+            ("val_pgd_seed", val_pgd_seed),
+            ("awp_warmup_epoch", awp_warmup_epoch),
+        ):
+            check_count(f"task.{key}", value, minimum=0, hint=" (0 turns it off)")
+        for key, value in (
+            ("trades_beta", trades_beta),
+            ("ce_weight", ce_weight),
+            ("aug_weight", aug_weight),
+            ("awp_gamma", awp_gamma),
+        ):
+            check_non_negative_number(f"task.{key}", value)
+        for key, value in (("ema_decay", ema_decay), ("weight_average", weight_average)):
+            if value is not None:
+                check_number(
+                    f"task.{key}", value, low=0, high=1, high_open=True, hint=" (null: off)"
+                )
+        check_count("task.weight_average_start", weight_average_start)
         if ema_decay and weight_average is not None:
             raise ValueError(
                 "task.ema_decay and task.weight_average both choose the released weights; "
                 "set one of them to null"
             )
-        if aug_weight < 0:
-            raise ValueError(f"aug_weight must be >= 0, got {aug_weight}")
         self.objective = objective
         self.robust_loss = _check_loss(objective, loss)
         self.attack_loss = _check_attack_loss(objective, attack_loss)
         self.aug_weight = aug_weight
         self.adversarial_first = adversarial_first
-        self.eps = ThreatModel.parse(eps, norm=norm).eps  # the one place a config's eps is parsed
-        self.step_size = parse_number(step_size, "step_size")
+        # The one place a config's eps is parsed.
+        self.eps = ThreatModel.parse(eps, norm=norm, name="task.eps").eps
+        self.step_size = parse_number(step_size, "task.step_size")
         self.steps = steps
         self.norm = norm
         self.eps_ramp_epochs = eps_ramp_epochs

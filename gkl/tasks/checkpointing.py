@@ -100,6 +100,34 @@ def load_checkpoint(
         ) from None
 
 
+def check_lightning_checkpoint(checkpoint: Any, path: str | Path) -> None:
+    """Refuse a file that is not a Lightning checkpoint (a bare state_dict, an exported
+    ``{"model": state_dict}``) as ``ckpt_path``, saying what it is and where it goes instead."""
+    if isinstance(checkpoint, Mapping) and "pytorch-lightning_version" in checkpoint:
+        return
+    use = (
+        "ckpt_path resumes a gkl run from its Lightning checkpoint "
+        "(<run dir>/checkpoints/last.ckpt). To distil from these weights set "
+        "teacher.checkpoint=<file>; to evaluate them, eval.py ckpt_path=<file>"
+    )
+    if isinstance(checkpoint, Mapping) and checkpoint:
+        if all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            raise ValueError(
+                f"ckpt_path={path} holds a bare state_dict ({len(checkpoint)} tensors), not a "
+                f"Lightning checkpoint: it has no optimizer, epoch or config to resume. {use}"
+            )
+        if isinstance(checkpoint.get("model"), Mapping):
+            raise ValueError(
+                f"ckpt_path={path} holds {{'model': state_dict}} (exported weights, mdistiller's "
+                f"format), not a Lightning checkpoint. {use}"
+            )
+    keys = list(checkpoint)[:10] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+    raise ValueError(
+        f"ckpt_path={path} is not a Lightning checkpoint (no 'pytorch-lightning_version'; it "
+        f"holds {keys}). {use}"
+    )
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
     """Atomic saves beside the target; loads that cannot run code (``weights_only=True``)."""
 

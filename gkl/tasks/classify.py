@@ -11,10 +11,36 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from gkl.checks import (
+    check_count,
+    check_non_negative_number,
+    check_number,
+    check_positive_number,
+)
 from gkl.losses import ClassPrior
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., Any]
+
+
+def check_optimizer_options(optimizer: OptimizerFactory) -> None:
+    """Refuse a bad number among the optimizer partial's options (``optim.optimizer.<key>``)
+    before training: ``lr``, ``eps`` finite > 0; ``weight_decay`` finite >= 0; ``momentum``,
+    ``dampening`` in [0, 1]; each of ``betas`` in [0, 1). Tensors are left to torch."""
+    options = getattr(optimizer, "keywords", None) or {}
+    for key, value in options.items():
+        name = f"optim.optimizer.{key}"
+        if isinstance(value, torch.Tensor):
+            continue
+        if key in ("lr", "eps"):
+            check_positive_number(name, value)
+        elif key == "weight_decay":
+            check_non_negative_number(name, value)
+        elif key in ("momentum", "dampening"):
+            check_number(name, value, low=0, high=1)
+        elif key == "betas":
+            for i, beta in enumerate(value):
+                check_number(f"{name}[{i}]", beta, low=0, high=1, high_open=True)
 
 
 class ClassificationTask(pl.LightningModule):
@@ -36,6 +62,8 @@ class ClassificationTask(pl.LightningModule):
         scheduler: SchedulerFactory | None = None,
     ) -> None:
         super().__init__()
+        check_count("num_classes", num_classes)
+        check_optimizer_options(optimizer)
         self.model = model
         self.num_classes = num_classes
         self.optimizer_factory = optimizer

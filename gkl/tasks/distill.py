@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from gkl.checks import check_count, check_non_negative_number
 from gkl.losses import class_prior_for
 from gkl.models.wrappers import FrozenTeacher
 
@@ -49,6 +50,9 @@ class DistillationTask(ClassificationTask):
                 "task=classify teacher=none"
             )
         super().__init__(model, num_classes, optimizer, scheduler)
+        check_non_negative_number("task.ce_weight", ce_weight)
+        check_non_negative_number("task.distill_weight", distill_weight)
+        check_count("task.warmup_epochs", warmup_epochs, minimum=0, hint=" (0: no warm-up)")
         self.teacher = teacher if isinstance(teacher, FrozenTeacher) else FrozenTeacher(teacher)
         self.distill_loss = loss
         self.ce_weight = ce_weight
