@@ -1,0 +1,44 @@
+"""Feature distillers of mdistiller as loss modules, chosen by ``+baseline=<name>``.
+
+Each module is called like the logit losses plus the two feature sets,
+``loss(student_logits, teacher_logits, target, class_prior=None, *, student_features,
+teacher_features)`` (:class:`gkl.models.features.Features`), and returns its weighted term
+(``feat_weight * <formula of gkl.losses.feature>``). Modules with learnable parts (connectors,
+regressors, ReviewKD's ABFs) build them in :meth:`FeatureDistiller.setup` from the pair's feature
+shapes; :class:`gkl.tasks.DistillationTask` calls it and trains them with the student through the
+same optimiser. :class:`LossSum` adds terms (e.g. GKL + ReviewKD).
+"""
+
+from .base import FeatureDistiller, LossSum, loss_terms
+from .methods import (
+    AT,
+    KDSVD,
+    NST,
+    OFD,
+    PKT,
+    RKD,
+    SP,
+    VID,
+    ABF,
+    ConvReg,
+    FitNet,
+    ReviewKD,
+)
+
+__all__ = [
+    "ABF",
+    "AT",
+    "KDSVD",
+    "NST",
+    "OFD",
+    "PKT",
+    "RKD",
+    "SP",
+    "VID",
+    "ConvReg",
+    "FeatureDistiller",
+    "FitNet",
+    "LossSum",
+    "ReviewKD",
+    "loss_terms",
+]

@@ -1,0 +1,164 @@
+"""Intermediate features of zoo networks in mdistiller's format, for the feature distillers.
+
+:func:`forward_with_features` runs a network's own modules in their own order and returns
+``(logits, Features)``: ``feats`` (the stem's output then each stage's output, as mdistiller's
+``feats["feats"]``), ``preact_feats`` (the same before the stage's last ReLU, mdistiller's
+``feats["preact_feats"]``) and ``pooled_feat`` (the globally pooled penultimate feature). The
+logits equal ``model(x)``; the networks' ``forward`` and state_dicts are untouched, so the logits
+path costs the same when no feature method is chosen. :func:`bn_before_relu` and
+:func:`stage_channels` give what OFD and ReviewKD read from the teacher / student.
+
+Supported families (mdistiller's CIFAR zoo): ``ResNet`` (resnet8 ... resnet110, resnet8x4,
+resnet32x4), ``WideResNet`` (wrn_16_1 ... wrn_40_2) and ``VGG`` (vgg8 ... vgg19).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gkl.models.cifar.resnet import BasicBlock as ResNetBlock
+from gkl.models.cifar.resnet import ResNet
+from gkl.models.cifar.vgg import VGG
+from gkl.models.cifar.wrn import WideResNet
+from gkl.models.wrappers import FrozenTeacher, Normalized
+
+SUPPORTED = (ResNet, WideResNet, VGG)
+
+
+@dataclass
+class Features:
+    """mdistiller's feature dict: stage features, their pre-ReLU values, the pooled feature."""
+
+    feats: list[torch.Tensor]
+    preact_feats: list[torch.Tensor]
+    pooled_feat: torch.Tensor
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, Normalized | None]:
+    """The bare network inside ``FrozenTeacher`` / ``Normalized`` wrappers, and the normaliser."""
+    if isinstance(model, FrozenTeacher):
+        model = model.model
+    norm = None
+    if isinstance(model, Normalized):
+        norm, model = model, model.model
+    return model, norm
+
+
+def bare_network(model: nn.Module) -> nn.Module:
+    """The zoo network inside the wrappers; a ``ValueError`` for families without features."""
+    net, _ = _unwrap(model)
+    if not isinstance(net, SUPPORTED):
+        names = ", ".join(c.__name__ for c in SUPPORTED)
+        raise ValueError(
+            f"feature distillers need a network with feature access; {type(net).__name__} has "
+            f"none (supported families: {names}). Choose a zoo ResNet, WideResNet or VGG pair, "
+            "or a logit loss (+baseline=kd|dkd, loss=gkl)."
+        )
+    return net
+
+
+def supports_features(model: nn.Module) -> bool:
+    """Whether :func:`forward_with_features` can run ``model``."""
+    return isinstance(_unwrap(model)[0], SUPPORTED)
+
+
+def _resnet_block_preact(block: ResNetBlock, x: torch.Tensor) -> torch.Tensor:
+    """``bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x)``: the block's output before its ReLU."""
+    out = block.bn2(block.conv2(F.relu(block.bn1(block.conv1(x)))))
+    return out + (x if block.downsample is None else block.downsample(x))
+
+
+def _resnet(net: ResNet, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
+    x = F.relu(net.bn1(net.conv1(x)))
+    feats, preacts = [x], [x]
+    for stage in (net.layer1, net.layer2, net.layer3):
+        for block in stage[:-1]:
+            x = block(x)
+        pre = _resnet_block_preact(stage[-1], x)
+        x = F.relu(pre)
+        feats.append(x)
+        preacts.append(pre)
+    pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+    return net.fc(pooled), Features(feats, preacts, pooled)
+
+
+def _wrn(net: WideResNet, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
+    f0 = net.conv1(x)
+    f1 = net.block1(f0)
+    f2 = net.block2(f1)
+    f3 = net.block3(f2)
+    pooled = torch.flatten(F.adaptive_avg_pool2d(F.relu(net.bn1(f3)), 1), 1)
+    # mdistiller: the pre-activations are the next BN's outputs on the stage features.
+    preacts = [f0, net.block2.layer[0].bn1(f1), net.block3.layer[0].bn1(f2), net.bn1(f3)]
+    return net.fc(pooled), Features([f0, f1, f2, f3], preacts, pooled)
+
+
+def _vgg(net: VGG, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
+    x = F.relu(net.block0(x))
+    feats, preacts = [x], [x]
+    for i, block in enumerate((net.block1, net.block2, net.block3, net.block4)):
+        if i < 3:
+            x = F.max_pool2d(x, 2)
+        pre = block(x)
+        x = F.relu(pre)
+        feats.append(x)
+        preacts.append(pre)
+    pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+    return net.classifier(pooled), Features(feats, preacts, pooled)
+
+
+def forward_with_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
+    """``(model(x), Features)`` for a zoo network (bare, ``Normalized`` or ``FrozenTeacher``).
+
+    A ``FrozenTeacher`` runs under ``torch.no_grad`` (its features carry no graph).
+    """
+    net = bare_network(model)
+    _, norm = _unwrap(model)
+    if isinstance(model, FrozenTeacher):
+        with torch.no_grad():
+            return forward_with_features(model.model, x)
+    if norm is not None:
+        x = (x - norm.mean) / norm.std
+    if isinstance(net, ResNet):
+        return _resnet(net, x)
+    if isinstance(net, WideResNet):
+        return _wrn(net, x)
+    return _vgg(net, x)
+
+
+def bn_before_relu(model: nn.Module) -> list[nn.BatchNorm2d]:
+    """The BN layers whose outputs are ``preact_feats[1:]`` (mdistiller's ``get_bn_before_relu``)."""
+    net = bare_network(model)
+    if isinstance(net, ResNet):
+        return [stage[-1].bn2 for stage in (net.layer1, net.layer2, net.layer3)]
+    if isinstance(net, WideResNet):
+        return [net.block2.layer[0].bn1, net.block3.layer[0].bn1, net.bn1]
+    return [block[-1] for block in (net.block1, net.block2, net.block3, net.block4)]
+
+
+def feature_shapes(model: nn.Module, input_shape: Sequence[int]) -> list[torch.Size]:
+    """Shapes of ``feats`` for one ``input_shape`` (C, H, W) image, batch dimension 1.
+
+    Runs the network once in eval mode (BN statistics untouched) and restores its mode.
+    """
+    net = bare_network(model)
+    was_training = net.training
+    net.eval()
+    try:
+        param = next(net.parameters())
+        x = torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device)
+        with torch.no_grad():
+            _, features = forward_with_features(model, x)
+    finally:
+        net.train(was_training)
+    return [f.shape for f in features.feats]
+
+
+def stage_channels(model: nn.Module, input_shape: Sequence[int]) -> list[int]:
+    """Channel count of each of ``feats``."""
+    return [s[1] for s in feature_shapes(model, input_shape)]
