@@ -11,6 +11,7 @@ same optimiser. :class:`LossSum` adds terms (e.g. GKL + ReviewKD).
 
 from .base import FeatureDistiller, LossSum, loss_terms
 from .methods import (
+    ABF,
     AT,
     KDSVD,
     NST,
@@ -19,7 +20,6 @@ from .methods import (
     RKD,
     SP,
     VID,
-    ABF,
     ConvReg,
     FitNet,
     ReviewKD,

@@ -194,7 +194,9 @@ class VID(FeatureDistiller):
 
     def feature_loss(self, student: Features, teacher: Features, student_logits) -> torch.Tensor:
         total = 0.0
-        stages = zip(student.feats[1:], teacher.feats[1:], self.regressors, self.log_scales)
+        stages = zip(
+            student.feats[1:], teacher.feats[1:], self.regressors, self.log_scales, strict=False
+        )
         for f_s, f_t, regressor, log_scale in stages:
             f_s, f_t = fl._match_size(f_s, f_t)
             total = total + fl.vid_loss(regressor(f_s), log_scale, f_t, self.eps)
@@ -240,7 +242,9 @@ class OFD(FeatureDistiller):
     def feature_loss(self, student: Features, teacher: Features, student_logits) -> torch.Tensor:
         n = len(self.connectors)
         total = 0.0
-        stages = zip(student.preact_feats[-n:], teacher.preact_feats[-n:], self.connectors)
+        stages = zip(
+            student.preact_feats[-n:], teacher.preact_feats[-n:], self.connectors, strict=False
+        )
         for i, (f_s, f_t, connector) in enumerate(stages):
             s = connector(f_s)
             t = F.adaptive_avg_pool2d(f_t, s.shape[-2:])

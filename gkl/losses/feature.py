@@ -37,7 +37,8 @@ def attention_map(feat: torch.Tensor, p: float = 2.0) -> torch.Tensor:
 def at_loss(
     student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], p: float = 2.0
 ) -> torch.Tensor:
-    """Attention transfer: ``sum_stages mean((a(f_s) - a(f_t))^2)``, ``a`` = :func:`attention_map`."""
+    """Attention transfer: ``sum_stages mean((a(f_s) - a(f_t))^2)``, ``a`` the
+    :func:`attention_map`."""
     total = 0.0
     for f_s, f_t in zip(student, teacher, strict=True):
         f_s, f_t = _match_size(f_s, f_t)

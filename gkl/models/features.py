@@ -55,9 +55,9 @@ def bare_network(model: nn.Module) -> nn.Module:
     if not isinstance(net, SUPPORTED):
         names = ", ".join(c.__name__ for c in SUPPORTED)
         raise ValueError(
-            f"feature distillers need a network with feature access; {type(net).__name__} has "
-            f"none (supported families: {names}). Choose a zoo ResNet, WideResNet or VGG pair, "
-            "or a logit loss (+baseline=kd|dkd, loss=gkl)."
+            f"feature distillers need a network with feature access; {type(net).__name__} has no "
+            f"feature access (supported families: {names}). Choose a zoo ResNet, WideResNet or "
+            "VGG pair, or a logit loss (+baseline=kd|dkd, loss=gkl)."
         )
     return net
 
@@ -132,7 +132,7 @@ def forward_with_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
 
 
 def bn_before_relu(model: nn.Module) -> list[nn.BatchNorm2d]:
-    """The BN layers whose outputs are ``preact_feats[1:]`` (mdistiller's ``get_bn_before_relu``)."""
+    """The BN layers before the stages' last ReLU (mdistiller's ``get_bn_before_relu``)."""
     net = bare_network(model)
     if isinstance(net, ResNet):
         return [stage[-1].bn2 for stage in (net.layer1, net.layer2, net.layer3)]
