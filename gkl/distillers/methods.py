@@ -198,7 +198,7 @@ class VID(FeatureDistiller):
             student.feats[1:], teacher.feats[1:], self.regressors, self.log_scales, strict=False
         )
         for f_s, f_t, regressor, log_scale in stages:
-            f_s, f_t = fl._match_size(f_s, f_t)
+            f_s, f_t = fl.match_size(f_s, f_t)
             total = total + fl.vid_loss(regressor(f_s), log_scale, f_t, self.eps)
         return total
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _match_size(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def match_size(f_s: torch.Tensor, f_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Average-pool the larger of two square maps to the other's size."""
     s_h, t_h = f_s.shape[2], f_t.shape[2]
     if s_h > t_h:
@@ -41,7 +41,7 @@ def at_loss(
     :func:`attention_map`."""
     total = 0.0
     for f_s, f_t in zip(student, teacher, strict=True):
-        f_s, f_t = _match_size(f_s, f_t)
+        f_s, f_t = match_size(f_s, f_t)
         total = total + (attention_map(f_s, p) - attention_map(f_t, p)).pow(2).mean()
     return total
 
@@ -119,7 +119,7 @@ def nst_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -
     between the L2-normalised channel maps: ``mean k(t,t) + mean k(s,s) - 2 mean k(s,t)``."""
     total = 0.0
     for f_s, f_t in zip(student, teacher, strict=True):
-        f_s, f_t = _match_size(f_s, f_t)
+        f_s, f_t = match_size(f_s, f_t)
         s = F.normalize(f_s.reshape(f_s.shape[0], f_s.shape[1], -1), dim=2)
         t = F.normalize(f_t.reshape(f_t.shape[0], f_t.shape[1], -1), dim=2).detach()
         k_tt = (t @ t.transpose(1, 2)).pow(2).mean()
