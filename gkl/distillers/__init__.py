@@ -25,7 +25,22 @@ from .methods import (
     ReviewKD,
 )
 
+# +baseline=<name> (mdistiller's config names) -> the distiller (mdistiller's CIFAR-100 defaults)
+BASELINES: dict[str, type[FeatureDistiller]] = {
+    "fitnet": FitNet,
+    "at": AT,
+    "sp": SP,
+    "pkt": PKT,
+    "rkd": RKD,
+    "nst": NST,
+    "kdsvd": KDSVD,
+    "vid": VID,
+    "ofd": OFD,
+    "reviewkd": ReviewKD,
+}
+
 __all__ = [
+    "BASELINES",
     "ABF",
     "AT",
     "KDSVD",
