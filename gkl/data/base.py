@@ -88,6 +88,8 @@ class ImageDataModule(pl.LightningDataModule):
         train_subset: int | None = None,
         test_size: int | None = None,
         synthetic_sizes: Sequence[int] = (512, 256, 256),
+        instance_sample_k: int | None = None,
+        instance_sample_mode: str = "exact",
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
@@ -118,6 +120,8 @@ class ImageDataModule(pl.LightningDataModule):
         if len(self.synthetic_sizes) != 3:
             raise ValueError(f"synthetic_sizes must be (train, val, test), got {synthetic_sizes}")
         self.val_is_test = val_size == 0
+        # CRD (gkl.data.instance_sample): (x, y, index, sample_index) training items when set.
+        self.instance_sample = (instance_sample_k, instance_sample_mode)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -213,7 +217,13 @@ class ImageDataModule(pl.LightningDataModule):
         train_set = self._require(self.train_set, "train_set")
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        sampler = EpochSampler(len(train_set), self.seed, replicas, rank)
+        sampler_type = EpochSampler
+        if self.instance_sample[0] is not None:
+            from gkl.data.instance_sample import EpochKeySampler, instance_sample_set
+
+            train_set = instance_sample_set(train_set, *self.instance_sample, self.seed)
+            sampler_type = EpochKeySampler
+        sampler = sampler_type(len(train_set), self.seed, replicas, rank)
         if self._resume_position is not None:
             epoch, batches_done = self._resume_position
             sampler.resume(epoch, batches_done * self.batch_size)

@@ -10,6 +10,7 @@ same optimiser. :class:`LossSum` adds terms (e.g. GKL + ReviewKD).
 """
 
 from .base import FeatureDistiller, LossSum, loss_terms
+from .crd import CRD, Embed
 from .methods import (
     ABF,
     AT,
@@ -37,12 +38,15 @@ BASELINES: dict[str, type[FeatureDistiller]] = {
     "vid": VID,
     "ofd": OFD,
     "reviewkd": ReviewKD,
+    "crd": CRD,
 }
 
 __all__ = [
     "BASELINES",
     "ABF",
     "AT",
+    "CRD",
+    "Embed",
     "KDSVD",
     "NST",
     "OFD",

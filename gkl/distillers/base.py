@@ -83,10 +83,12 @@ class LossSum(nn.Module):
         *,
         student_features: Features | None = None,
         teacher_features: Features | None = None,
+        **instance: torch.Tensor,
     ) -> torch.Tensor:
         total = 0.0
         for term in self.terms:
             if getattr(term, "needs_features", False):
+                extra = instance if getattr(term, "needs_instance_sample", False) else {}
                 total = total + term(
                     student_logits,
                     teacher_logits,
@@ -94,6 +96,7 @@ class LossSum(nn.Module):
                     class_prior,
                     student_features=student_features,
                     teacher_features=teacher_features,
+                    **extra,
                 )
             else:
                 total = total + term(student_logits, teacher_logits, target, class_prior)

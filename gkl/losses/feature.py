@@ -224,3 +224,33 @@ def hcl_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -
             weights += weight
         total = total + loss / weights
     return total
+
+
+def contrast_scores(
+    memory: torch.Tensor, embedding: torch.Tensor, sample_index: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """CRD's unnormalised scores ``exp(m_j . v / T)`` of each row ``v`` of ``embedding`` against
+    the memory rows ``j`` of its ``sample_index`` (positive first), shape ``(B, K + 1)``."""
+    b, d = embedding.shape
+    weight = memory.index_select(0, sample_index.reshape(-1)).detach().view(b, -1, d)
+    return torch.exp(torch.bmm(weight, embedding.view(b, d, 1)).squeeze(2) / temperature)
+
+
+def nce_contrast_loss(scores: torch.Tensor, num_data: int, eps: float = 1e-7) -> torch.Tensor:
+    """CRD's NCE loss on normalised scores ``P`` (positive in column 0, ``K`` negatives), noise
+    ``Pn = 1 / num_data``: ``-(sum_i log(P_i0 / (P_i0 + K Pn + eps)) + sum_ij log(K Pn /
+    (P_ij + K Pn + eps))) / B``."""
+    b, m = scores.shape[0], scores.shape[1] - 1
+    noise = m / float(num_data)
+    log_pos = torch.log(scores[:, 0] / (scores[:, 0] + noise + eps))
+    log_neg = torch.log(noise / (scores[:, 1:] + noise + eps))
+    return -(log_pos.sum() + log_neg.sum()) / b
+
+
+@torch.no_grad()
+def update_memory(
+    memory: torch.Tensor, embedding: torch.Tensor, index: torch.Tensor, momentum: float
+) -> None:
+    """CRD's memory bank update in place: ``m_i <- normalize(momentum m_i + (1 - momentum) v)``."""
+    rows = memory.index_select(0, index) * momentum + embedding * (1 - momentum)
+    memory.index_copy_(0, index, rows / rows.pow(2).sum(1, keepdim=True).sqrt())

@@ -81,6 +81,21 @@ class DistillationTask(ClassificationTask):
             return self.distill_scale
         return self.distill_scale * min((self.current_epoch + 1) / self.warmup_epochs, 1.0)
 
+    def setup(self, stage: str) -> None:
+        """CRD: size the memory banks by the training set (before a resume restores them)."""
+        users = [t for t in loss_terms(self.distill_loss) if hasattr(t, "set_num_data")]
+        if not users or stage != "fit":
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        sampling = getattr(datamodule, "instance_sample", (None,))
+        if sampling[0] is None:
+            raise ValueError(
+                "CRD needs the instance-sampling training data: set data.instance_sample_k "
+                "(mdistiller: 16384; +baseline=crd sets it) on a gkl.data.ImageDataModule"
+            )
+        for term in users:
+            term.set_num_data(len(datamodule.train_set))
+
     def on_fit_start(self) -> None:
         if not self.cache_teacher_outputs:
             return
@@ -94,10 +109,15 @@ class DistillationTask(ClassificationTask):
         datamodule.serve_teacher_logits(self.teacher, self.device)
 
     def compute_loss(
-        self, x: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+        **instance: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """``(loss, student logits, {"ce", "distill"})`` of one batch (teacher run if needed)."""
-        features: dict[str, Any] = {}
+        """``(loss, student logits, {"ce", "distill"})`` of one batch (teacher run if needed);
+        ``instance``: CRD's ``index`` and ``sample_index`` of the batch."""
+        features: dict[str, Any] = dict(instance)
         if self.needs_features:
             teacher_logits, features["teacher_features"] = forward_with_features(self.teacher, x)
             logits, features["student_features"] = forward_with_features(self.model, x)
@@ -114,11 +134,15 @@ class DistillationTask(ClassificationTask):
         return loss, logits, {"ce": ce, "distill": distill}
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int):
+        instance: dict[str, torch.Tensor] = {}
         if len(batch) == 3:  # cached teacher outputs
             x, y, teacher_logits = batch
+        elif len(batch) == 4:  # CRD's instance sampling (gkl.data.instance_sample)
+            x, y, instance["index"], instance["sample_index"] = batch
+            teacher_logits = None
         else:
             (x, y), teacher_logits = batch, None
-        loss, logits, parts = self.compute_loss(x, y, teacher_logits)
+        loss, logits, parts = self.compute_loss(x, y, teacher_logits, **instance)
         self.log_train(loss, logits, y, parts)
         return loss
 
