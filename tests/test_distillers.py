@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gkl.distillers import AT, KDSVD, NST, OFD, PKT, RKD, SP, VID, FitNet, LossSum, ReviewKD
+from gkl.data.datasets import ImageTensorDataset
+from gkl.data.instance_sample import EpochKeySampler, InstanceSampleDataset
+from gkl.distillers import AT, CRD, KDSVD, NST, OFD, PKT, RKD, SP, VID, FitNet, LossSum, ReviewKD
 from gkl.losses import GKLLoss, KDLoss
 from gkl.models import create_model
 from gkl.models.features import feature_shapes, forward_with_features
@@ -392,3 +394,103 @@ def test_gkl_plus_reviewkd_is_the_sum_and_modules_stay_out_of_the_export():
     assert any(k.startswith("distill_loss.terms.1.abfs.") for k in keys)
     assert not any("abfs" in k for k in task.export_model.state_dict())
     assert KDLoss().forward.__code__.co_argcount == 5  # logit losses keep their signature
+
+
+# ----------------------------------------------------------------- CRD
+
+
+def ref_crd(embed_s, embed_t, memory_v1, memory_v2, fs, ft, idx, contrast_idx, num_data):
+    """mdistiller CRD.crd_loss (Embed, ContrastMemory, ContrastLoss) with K, T, momentum of
+    engine/cfg.py; returns (0.8 * loss, updated memory_v1, updated memory_v2)."""
+
+    def embed(module, f):
+        v = module.linear(f.reshape(f.shape[0], -1))
+        return v.div(v.pow(2).sum(1, keepdim=True).pow(0.5))
+
+    def contrast_loss(x):
+        eps, bsz, m = 1e-7, x.shape[0], x.size(1) - 1
+        pn = 1 / float(num_data)
+        p_pos = x.select(1, 0)
+        log_d1 = torch.div(p_pos, p_pos.add(m * pn + eps)).log_()
+        p_neg = x.narrow(1, 1, m)
+        log_d0 = torch.div(p_neg.clone().fill_(m * pn), p_neg.add(m * pn + eps)).log_()
+        return -(log_d1.sum(0) + log_d0.view(-1, 1).sum(0)) / bsz
+
+    v1, v2 = embed(embed_s, fs["pooled_feat"]), embed(embed_t, ft["pooled_feat"])
+    b, k1, d, t, momentum = v1.size(0), contrast_idx.shape[1], v1.shape[1], 0.07, 0.5
+    w1 = torch.index_select(memory_v1, 0, contrast_idx.view(-1)).detach().view(b, k1, d)
+    out_v2 = torch.exp(torch.div(torch.bmm(w1, v2.view(b, d, 1)), t))
+    w2 = torch.index_select(memory_v2, 0, contrast_idx.view(-1)).detach().view(b, k1, d)
+    out_v1 = torch.exp(torch.div(torch.bmm(w2, v1.view(b, d, 1)), t))
+    z_v1 = (out_v1.mean() * num_data).item()
+    z_v2 = (out_v2.mean() * num_data).item()
+    out_v1, out_v2 = torch.div(out_v1, z_v1), torch.div(out_v2, z_v2)
+    new = []
+    with torch.no_grad():
+        for memory, v in ((memory_v1, v1), (memory_v2, v2)):
+            pos = torch.index_select(memory, 0, idx.view(-1)).mul(momentum).add(v * (1 - momentum))
+            memory = memory.clone()
+            memory.index_copy_(0, idx, pos.div(pos.pow(2).sum(1, keepdim=True).pow(0.5)))
+            new.append(memory)
+    loss = contrast_loss(out_v1) + contrast_loss(out_v2)
+    return 0.8 * loss[0], new[0], new[1]
+
+
+def test_crd_step_and_memory_update_equal_mdistiller_reference():
+    student, teacher, x, y = make_pair()
+    num_data, k = 40, 16
+    task = make_task(student, teacher, CRD(k=k))
+    task.distill_loss.set_num_data(num_data)
+    task.train()
+    g = torch.Generator().manual_seed(2)
+    index = torch.randperm(num_data, generator=g)[:BATCH]
+    negatives = torch.randint(0, num_data, (BATCH, k), generator=g)
+    sample_index = torch.cat([index[:, None], negatives], dim=1)
+    ref_student, ref_mods = copy.deepcopy(task.model), copy.deepcopy(task.distill_loss)
+    with torch.no_grad():
+        _, ft = ref_resnet(teacher.model, x)
+    logits, fs = ref_resnet(ref_student, x)
+    crd, memory_s, memory_t = ref_crd(
+        ref_mods.embed_s, ref_mods.embed_t, ref_mods.memory_s, ref_mods.memory_t,
+        fs, ft, index, sample_index, num_data,
+    )  # fmt: skip
+    ref_loss = F.cross_entropy(logits, y) + crd
+    expected = sgd_reference([*ref_student.parameters(), *ref_mods.parameters()], ref_loss)
+
+    optimizer = task.configure_optimizers()
+    loss, _, _ = task.compute_loss(x, y, index=index, sample_index=sample_index)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    print(f"crd: loss {loss.item():.6f} |diff| {abs(loss.item() - ref_loss.item()):.1e}")
+    assert abs(loss.item() - ref_loss.item()) <= 1e-12 * max(1.0, abs(ref_loss.item()))
+    params = [*task.model.parameters(), *task.distill_loss.parameters()]
+    worst = max((p.detach() - e).abs().max().item() for p, e in zip(params, expected, strict=True))
+    memory = max(
+        (task.distill_loss.memory_s - memory_s).abs().max().item(),
+        (task.distill_loss.memory_t - memory_t).abs().max().item(),
+    )
+    print(f"crd: max |w - w_ref| {worst:.1e}, max |memory - memory_ref| {memory:.1e}")
+    assert worst <= 1e-10 and memory <= 1e-12
+    assert not task.distill_loss.memory_s[index].equal(ref_mods.memory_s[index])  # rows moved
+    assert "distill_loss.memory_s" in task.state_dict()
+
+
+def test_instance_sampling_follows_mdistiller_and_resumes_mid_epoch():
+    labels = torch.arange(30) % 3  # 10 items per class: 20 negatives each
+    images = torch.zeros(30, 1, 2, 2, dtype=torch.uint8)
+    data = InstanceSampleDataset(ImageTensorDataset(images, labels), labels, k=8, seed=5)
+    x, y, i, sample = data[(0, 7)]
+    assert i.item() == 7 and sample[0].item() == 7 and len(sample) == 9
+    assert (labels[sample[1:]] != y).all() and len(set(sample[1:].tolist())) == 8  # no repeats
+    assert sample.equal(data[(0, 7)][3]) and not sample.equal(data[(1, 7)][3])  # (seed, epoch, i)
+    relax = InstanceSampleDataset(ImageTensorDataset(images, labels), labels, 25, "relax")
+    _, _, _, sample = relax[(0, 7)]
+    assert labels[sample[0]] == labels[7] and (labels[sample[1:]] != labels[7]).all()
+    assert len(sample) == 26  # k > 20 negatives: drawn with replacement
+    full = list(EpochKeySampler(30, seed=1))
+    sampler = EpochKeySampler(30, seed=1)
+    sampler.resume(0, 12)
+    assert list(sampler) == full[12:] and all(e == 0 for e, _ in full)
+    with pytest.raises(ValueError, match="instance_sample_mode"):
+        InstanceSampleDataset(data.dataset, labels, 4, "hard")
