@@ -25,6 +25,7 @@ from gkl.models import create_model
 from gkl.models.features import feature_shapes, forward_with_features
 from gkl.models.wrappers import CIFAR100_MEAN, CIFAR100_STD, FrozenTeacher, Normalized
 from gkl.tasks import DistillationTask
+from gkl.train import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -392,6 +393,10 @@ def test_gkl_plus_reviewkd_is_the_sum_and_modules_stay_out_of_the_export():
     torch.testing.assert_close(parts["distill"], expected, rtol=1e-12, atol=0)
     keys = set(task.state_dict())
     assert any(k.startswith("distill_loss.terms.1.abfs.") for k in keys)
+    student2, teacher2, _, _ = make_pair()  # a resumed run rebuilds the same modules
+    make_task(student2, teacher2, LossSum([GKLLoss(), ReviewKD()])).load_state_dict(
+        task.state_dict(), strict=True
+    )
     assert not any("abfs" in k for k in task.export_model.state_dict())
     assert KDLoss().forward.__code__.co_argcount == 5  # logit losses keep their signature
 
@@ -494,3 +499,25 @@ def test_instance_sampling_follows_mdistiller_and_resumes_mid_epoch():
     assert list(sampler) == full[12:] and all(e == 0 for e, _ in full)
     with pytest.raises(ValueError, match="instance_sample_mode"):
         InstanceSampleDataset(data.dataset, labels, 4, "hard")
+
+
+def test_crd_baseline_runs_through_train_with_instance_sampling(compose_cfg, tmp_path):
+    """+baseline=crd end to end: the data module serves (x, y, index, sample_index), the task
+    sizes the memory banks by the training set."""
+    cfg = compose_cfg(
+        tmp_path,
+        [
+            "+experiment=cifar100_kd_res56_res20",
+            "+baseline=crd",
+            "model.name=resnet8",
+            "teacher.name=resnet8x4",
+            "data.synthetic=true",
+            "trainer.fast_dev_run=true",
+            "data.batch_size=4",
+            "++data.synthetic_sizes=[8,4,4]",
+            "data.num_workers=0",
+        ],
+    )
+    assert cfg.loss.k == 16384 and cfg.data.instance_sample_k == 16384
+    metrics = run(cfg)
+    assert math.isfinite(metrics["test/loss"])

@@ -84,7 +84,7 @@ class DistillationTask(ClassificationTask):
     def setup(self, stage: str) -> None:
         """CRD: size the memory banks by the training set (before a resume restores them)."""
         users = [t for t in loss_terms(self.distill_loss) if hasattr(t, "set_num_data")]
-        if not users or stage != "fit":
+        if stage != "fit" or all(t.num_data for t in users):  # none, or sized by the caller
             return
         datamodule = getattr(self.trainer, "datamodule", None)
         sampling = getattr(datamodule, "instance_sample", (None,))
