@@ -8,8 +8,10 @@ logits equal ``model(x)``; the networks' ``forward`` and state_dicts are untouch
 path costs the same when no feature method is chosen. :func:`bn_before_relu` and
 :func:`stage_channels` give what OFD and ReviewKD read from the teacher / student.
 
-Supported families (mdistiller's CIFAR zoo): ``ResNet`` (resnet8 ... resnet110, resnet8x4,
-resnet32x4), ``WideResNet`` (wrn_16_1 ... wrn_40_2) and ``VGG`` (vgg8 ... vgg19).
+Supported families: mdistiller's CIFAR zoo ``ResNet`` (resnet8 ... resnet110, resnet8x4,
+resnet32x4), ``WideResNet`` (wrn_16_1 ... wrn_40_2) and ``VGG`` (vgg8 ... vgg19); on ImageNet
+timm's ``ResNet`` (``model=timm``: resnet18, resnet34, resnet50, ...) in the layout of
+mdistiller's ImageNet ResNet (stem before ReLU and the four stages, pre-ReLU and after).
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ from gkl.models.cifar.wrn import WideResNet
 from gkl.models.wrappers import FrozenTeacher, Normalized
 
 SUPPORTED = (ResNet, WideResNet, VGG)
+
+
+def _is_timm_resnet(net: nn.Module) -> bool:
+    return type(net).__name__ == "ResNet" and type(net).__module__.startswith("timm.")
 
 
 @dataclass
@@ -52,8 +58,8 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, Normalized | None]:
 def bare_network(model: nn.Module) -> nn.Module:
     """The zoo network inside the wrappers; a ``ValueError`` for families without features."""
     net, _ = _unwrap(model)
-    if not isinstance(net, SUPPORTED):
-        names = ", ".join(c.__name__ for c in SUPPORTED)
+    if not isinstance(net, SUPPORTED) and not _is_timm_resnet(net):
+        names = ", ".join(c.__name__ for c in SUPPORTED) + ", timm ResNet"
         raise ValueError(
             f"feature distillers need a network with feature access; {type(net).__name__} has no "
             f"feature access (supported families: {names}). Choose a zoo ResNet, WideResNet or "
@@ -64,7 +70,8 @@ def bare_network(model: nn.Module) -> nn.Module:
 
 def supports_features(model: nn.Module) -> bool:
     """Whether :func:`forward_with_features` can run ``model``."""
-    return isinstance(_unwrap(model)[0], SUPPORTED)
+    net = _unwrap(model)[0]
+    return isinstance(net, SUPPORTED) or _is_timm_resnet(net)
 
 
 def _resnet_block_preact(block: ResNetBlock, x: torch.Tensor) -> torch.Tensor:
@@ -112,6 +119,37 @@ def _vgg(net: VGG, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
     return net.classifier(pooled), Features(feats, preacts, pooled)
 
 
+def _timm_block_preact(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A timm BasicBlock / Bottleneck's output before its final activation."""
+    shortcut = x if block.downsample is None else block.downsample(x)
+    x = block.act1(block.drop_block(block.bn1(block.conv1(x))))
+    if hasattr(block, "conv3"):  # Bottleneck
+        x = block.aa(block.act2(block.drop_block(block.bn2(block.conv2(x)))))
+        x = block.bn3(block.conv3(x))
+    else:
+        x = block.bn2(block.conv2(block.aa(x)))
+    if block.se is not None:
+        x = block.se(x)
+    if block.drop_path is not None:
+        x = block.drop_path(x)
+    return x + shortcut
+
+
+def _timm_resnet(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
+    stem = net.bn1(net.conv1(x))
+    x = net.maxpool(net.act1(stem))
+    feats, preacts = [F.relu(stem)], [stem]
+    for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
+        for block in stage[:-1]:
+            x = block(x)
+        pre = _timm_block_preact(stage[-1], x)
+        x = stage[-1].act3(pre) if hasattr(stage[-1], "act3") else stage[-1].act2(pre)
+        feats.append(x)
+        preacts.append(pre)
+    pooled = net.forward_head(x, pre_logits=True)
+    return net.fc(pooled), Features(feats, preacts, pooled)
+
+
 def forward_with_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
     """``(model(x), Features)`` for a zoo network (bare, ``Normalized`` or ``FrozenTeacher``).
 
@@ -128,7 +166,9 @@ def forward_with_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
         return _resnet(net, x)
     if isinstance(net, WideResNet):
         return _wrn(net, x)
-    return _vgg(net, x)
+    if isinstance(net, VGG):
+        return _vgg(net, x)
+    return _timm_resnet(net, x)
 
 
 def bn_before_relu(model: nn.Module) -> list[nn.BatchNorm2d]:
@@ -138,7 +178,10 @@ def bn_before_relu(model: nn.Module) -> list[nn.BatchNorm2d]:
         return [stage[-1].bn2 for stage in (net.layer1, net.layer2, net.layer3)]
     if isinstance(net, WideResNet):
         return [net.block2.layer[0].bn1, net.block3.layer[0].bn1, net.bn1]
-    return [block[-1] for block in (net.block1, net.block2, net.block3, net.block4)]
+    if isinstance(net, VGG):
+        return [block[-1] for block in (net.block1, net.block2, net.block3, net.block4)]
+    stages = (net.layer1, net.layer2, net.layer3, net.layer4)
+    return [s[-1].bn3 if hasattr(s[-1], "bn3") else s[-1].bn2 for s in stages]
 
 
 def feature_shapes(model: nn.Module, input_shape: Sequence[int]) -> list[torch.Size]:
