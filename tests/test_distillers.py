@@ -352,16 +352,26 @@ def test_one_float64_step_equals_mdistiller_reference(name):
         ("resnet8x4", [(32, 32), (64, 32), (128, 16), (256, 8)]),
         ("wrn_16_2", [(16, 32), (32, 32), (64, 16), (128, 8)]),
         ("vgg8", [(64, 32), (128, 16), (256, 8), (512, 4), (512, 4)]),
-    ],
+        ("fmnist_cnn", [(32, 14), (64, 7), (128, 3)]),
+        ("timm:resnet18", [(64, 32), (64, 16), (128, 8), (256, 4), (512, 2)]),  # mdistiller's
+    ],  # ImageNet layout (stem before the max-pool), here on 64x64 inputs
 )
 def test_features_keep_the_logits_and_have_mdistillers_shapes(name, shapes):
-    net = Normalized(create_model(name, 100), CIFAR100_MEAN, CIFAR100_STD).eval()
+    channels, size = (1, 28) if name.startswith("fmnist") else (3, 64 if "timm" in name else 32)
+    if name.startswith("timm:"):
+        import timm
+
+        network = timm.create_model(name[5:], num_classes=10)
+    else:
+        network = create_model(name, 10, in_channels=channels)
+    net = Normalized(network, [0.5] * channels, [0.25] * channels).eval()
     keys = list(net.state_dict())
-    x = torch.rand(2, 3, 32, 32)
+    x = torch.rand(2, channels, size, size)
     logits, features = forward_with_features(net, x)
     torch.testing.assert_close(logits, net(x), rtol=0, atol=0)
-    assert [(s[1], s[2]) for s in feature_shapes(net, (3, 32, 32))] == shapes
-    assert features.pooled_feat.shape == (2, shapes[-1][0])
+    assert [(s[1], s[2]) for s in feature_shapes(net, (channels, size, size))] == shapes
+    flat = 9 if name.startswith("fmnist") else 1  # SmallCNN: the flattened 3x3 maps
+    assert features.pooled_feat.shape == (2, shapes[-1][0] * flat)
     if not name.startswith("wrn"):  # WRN's pre-activations are the next BN's outputs
         pairs = zip(features.preact_feats[1:], features.feats[1:], strict=True)
         assert all(F.relu(p).equal(f) for p, f in pairs)

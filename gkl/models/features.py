@@ -11,7 +11,10 @@ path costs the same when no feature method is chosen. :func:`bn_before_relu` and
 Supported families: mdistiller's CIFAR zoo ``ResNet`` (resnet8 ... resnet110, resnet8x4,
 resnet32x4), ``WideResNet`` (wrn_16_1 ... wrn_40_2) and ``VGG`` (vgg8 ... vgg19); on ImageNet
 timm's ``ResNet`` (``model=timm``: resnet18, resnet34, resnet50, ...) in the layout of
-mdistiller's ImageNet ResNet (stem before ReLU and the four stages, pre-ReLU and after).
+mdistiller's ImageNet ResNet (stem before ReLU and the four stages, pre-ReLU and after); and
+the Fashion-MNIST ``SmallCNN`` (fmnist_cnn, fmnist_cnn_small, ...): one feature per
+conv-BN-ReLU-pool block (``maxpool(BN output)`` before the ReLU, which commutes with the pool),
+the classifier's input as ``pooled_feat``.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from gkl.models.cifar.resnet import BasicBlock as ResNetBlock
 from gkl.models.cifar.resnet import ResNet
 from gkl.models.cifar.vgg import VGG
 from gkl.models.cifar.wrn import WideResNet
+from gkl.models.small import SmallCNN
 from gkl.models.wrappers import FrozenTeacher, Normalized
 
-SUPPORTED = (ResNet, WideResNet, VGG)
+SUPPORTED = (ResNet, WideResNet, VGG, SmallCNN)
 
 
 def _is_timm_resnet(net: nn.Module) -> bool:
@@ -62,8 +66,8 @@ def bare_network(model: nn.Module) -> nn.Module:
         names = ", ".join(c.__name__ for c in SUPPORTED) + ", timm ResNet"
         raise ValueError(
             f"feature distillers need a network with feature access; {type(net).__name__} has no "
-            f"feature access (supported families: {names}). Choose a zoo ResNet, WideResNet or "
-            "VGG pair, or a logit loss (+baseline=kd|dkd, loss=gkl)."
+            f"feature access (supported families: {names}). Choose a pair of those, or a logit "
+            "loss (+baseline=kd|dkd, loss=gkl)."
         )
     return net
 
@@ -119,6 +123,20 @@ def _vgg(net: VGG, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
     return net.classifier(pooled), Features(feats, preacts, pooled)
 
 
+def _small_cnn(net: SmallCNN, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
+    layers = list(net.features)
+    feats, preacts = [], []
+    i = 0
+    while isinstance(layers[i], nn.Conv2d):  # conv, BN, ReLU, pool per block
+        pre = layers[i + 3](layers[i + 1](layers[i](x)))
+        x = F.relu(pre)
+        feats.append(x)
+        preacts.append(pre)
+        i += 4
+    pooled = nn.Sequential(*layers[i:])(x)
+    return net.classifier(pooled), Features(feats, preacts, pooled)
+
+
 def _timm_block_preact(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A timm BasicBlock / Bottleneck's output before its final activation."""
     shortcut = x if block.downsample is None else block.downsample(x)
@@ -168,6 +186,8 @@ def forward_with_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
         return _wrn(net, x)
     if isinstance(net, VGG):
         return _vgg(net, x)
+    if isinstance(net, SmallCNN):
+        return _small_cnn(net, x)
     return _timm_resnet(net, x)
 
 
@@ -180,6 +200,8 @@ def bn_before_relu(model: nn.Module) -> list[nn.BatchNorm2d]:
         return [net.block2.layer[0].bn1, net.block3.layer[0].bn1, net.bn1]
     if isinstance(net, VGG):
         return [block[-1] for block in (net.block1, net.block2, net.block3, net.block4)]
+    if isinstance(net, SmallCNN):
+        return [m for m in net.features if isinstance(m, nn.BatchNorm2d)][1:]
     stages = (net.layer1, net.layer2, net.layer3, net.layer4)
     return [s[-1].bn3 if hasattr(s[-1], "bn3") else s[-1].bn2 for s in stages]
 
