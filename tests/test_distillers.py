@@ -531,3 +531,15 @@ def test_crd_baseline_runs_through_train_with_instance_sampling(compose_cfg, tmp
     assert cfg.loss.k == 16384 and cfg.data.instance_sample_k == 16384
     metrics = run(cfg)
     assert math.isfinite(metrics["test/loss"])
+
+
+def test_gkl_reviewkd_config_lists_both_losses_and_feeds_the_class_prior(compose_cfg, tmp_path):
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg(tmp_path, ["+experiment=cifar100_kd", "loss=gkl_reviewkd"])
+    loss = instantiate(cfg.loss)
+    assert isinstance(loss, LossSum) and [type(t) for t in loss.terms] == [GKLLoss, ReviewKD]
+    assert loss.use_class_prior and loss.temperature2 == 4.0 and loss.needs_features
+    student, teacher, _, _ = make_pair()
+    task = make_task(student, teacher, loss)
+    assert task.class_prior is not None and task.class_prior.temperature == 4.0
