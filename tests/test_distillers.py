@@ -576,3 +576,43 @@ def test_every_command_in_the_distillers_doc_composes(compose_cfg, tmp_path):
             assert cfg.loss._target_ == f"gkl.distillers.{cls.__name__}", command
         else:
             assert cfg.loss._target_ == "gkl.distillers.LossSum", command
+
+
+@pytest.mark.parametrize(
+    "teacher_name, student_name, shape",
+    [("fmnist_cnn", "fmnist_cnn_small", (1, 28, 28)), ("vgg13", "vgg8", (3, 32, 32))],
+)
+def test_every_distiller_builds_and_backpropagates_on_other_families(
+    teacher_name, student_name, shape
+):
+    """Modules sized from the pair: SmallCNN's flattened pooled features, VGG's five feats."""
+    teacher = FrozenTeacher(create_model(teacher_name, 10, in_channels=shape[0]))
+    student = create_model(student_name, 10, in_channels=shape[0])
+    x, y = torch.rand(4, *shape), torch.randint(0, 10, (4,))
+    for name, cls in BASELINES.items():
+        if name == "crd":  # needs the instance-sampling batches: tested above
+            continue
+        kwargs = (
+            {"input_shape": shape} if "input_shape" in cls.__init__.__code__.co_varnames else {}
+        )
+        loss = cls(**kwargs)
+        loss.setup(student, teacher)
+        logits, fs = forward_with_features(student, x)
+        t_logits, ft = forward_with_features(teacher, x)
+        value = loss(logits, t_logits, y, student_features=fs, teacher_features=ft)
+        value.backward()
+        assert torch.isfinite(value), name
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+        student.zero_grad()
+
+
+def test_pairs_a_method_cannot_compare_are_refused_by_name():
+    teacher = FrozenTeacher(create_model("wrn_16_2", 10))
+    student = create_model("vgg8", 10)  # 4 stages of other sizes than the WRN's 3
+    with pytest.raises(ValueError, match="one to one"):
+        ReviewKD().setup(student, teacher)
+    x = torch.rand(2, 3, 32, 32)
+    fs, ft = forward_with_features(student, x)[1], forward_with_features(teacher, x)[1]
+    with pytest.raises(ValueError, match="same width"):
+        KDSVD().feature_loss(fs, ft, None)
+    assert torch.isfinite(AT().feature_loss(fs, ft, None))  # first stages paired, as mdistiller

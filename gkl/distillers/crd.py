@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gkl.losses import feature as fl
-from gkl.models.features import Features, forward_with_features
+from gkl.models.features import Features, pooled_feature_dim
 
 from .base import FeatureDistiller
 
@@ -61,14 +61,7 @@ class CRD(FeatureDistiller):
 
     def setup(self, student: nn.Module, teacher: nn.Module) -> None:
         like = next(student.parameters())
-        dims = []
-        for net in (student, teacher):
-            x = torch.zeros(1, *self.input_shape, dtype=like.dtype, device=like.device)
-            was_training = net.training
-            net.eval()
-            with torch.no_grad():
-                dims.append(forward_with_features(net, x)[1].pooled_feat.shape[1])
-            net.train(was_training)
+        dims = [pooled_feature_dim(net, self.input_shape) for net in (student, teacher)]
         self.embed_s = Embed(dims[0], self.feat_dim).to(like)
         self.embed_t = Embed(dims[1], self.feat_dim).to(like)
 

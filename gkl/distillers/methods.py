@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gkl.losses import feature as fl
-from gkl.models.features import Features, bn_before_relu, feature_shapes
+from gkl.models.features import Features, bn_before_relu, feature_shapes, pooled_feature_dim
 
 from .base import FeatureDistiller
 
@@ -323,8 +323,8 @@ class ReviewKD(FeatureDistiller):
                 f"ReviewKD pairs stages one to one: the student has {len(s_shapes)} stages, "
                 f"the teacher {len(t_shapes)}"
             )
-        in_channels = [s[1] for s in s_shapes] + [s_shapes[-1][1]]
-        out_channels = [t[1] for t in t_shapes] + [t_shapes[-1][1]]
+        in_channels = [s[1] for s in s_shapes] + [pooled_feature_dim(student, self.input_shape)]
+        out_channels = [t[1] for t in t_shapes] + [pooled_feature_dim(teacher, self.input_shape)]
         self.shapes = [1] + [s[2] for s in reversed(s_shapes)]
         self.out_shapes = [1] + [t[2] for t in reversed(t_shapes)]
         mid = min(self.max_mid_channel, in_channels[-1])

@@ -2,7 +2,8 @@
 
 Features follow :class:`gkl.models.features.Features`: ``(B, C, H, W)`` stage maps, ``(B, D)``
 pooled vectors. Where student and teacher maps differ in size, the larger is average-pooled to the
-smaller (mdistiller's rule for AT, NST and VID). Teacher tensors are treated as constants.
+smaller (mdistiller's rule for AT, NST and VID). Stage lists of different lengths pair their
+first stages (mdistiller's ``zip``). Teacher tensors are treated as constants.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def at_loss(
     """Attention transfer: ``sum_stages mean((a(f_s) - a(f_t))^2)``, ``a`` the
     :func:`attention_map`."""
     total = 0.0
-    for f_s, f_t in zip(student, teacher, strict=True):
+    for f_s, f_t in zip(student, teacher, strict=False):
         f_s, f_t = match_size(f_s, f_t)
         total = total + (attention_map(f_s, p) - attention_map(f_t, p)).pow(2).mean()
     return total
@@ -50,7 +51,7 @@ def sp_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) ->
     """Similarity preserving: ``sum_stages ||G_t - G_s||_F^2 / B^2``, ``G`` the row-normalised
     batch Gram matrix ``normalize(f f^T)`` of the flattened features."""
     total = 0.0
-    for f_s, f_t in zip(student, teacher, strict=True):
+    for f_s, f_t in zip(student, teacher, strict=False):
         b = f_s.shape[0]
         g_s = F.normalize(f_s.reshape(b, -1) @ f_s.reshape(b, -1).t())
         g_t = F.normalize(f_t.reshape(b, -1) @ f_t.reshape(b, -1).t())
@@ -118,7 +119,7 @@ def nst_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -
     """Neuron selectivity transfer, squared MMD with the polynomial kernel ``k(a, b) = (a.b)^2``
     between the L2-normalised channel maps: ``mean k(t,t) + mean k(s,s) - 2 mean k(s,t)``."""
     total = 0.0
-    for f_s, f_t in zip(student, teacher, strict=True):
+    for f_s, f_t in zip(student, teacher, strict=False):
         f_s, f_t = match_size(f_s, f_t)
         s = F.normalize(f_s.reshape(f_s.shape[0], f_s.shape[1], -1), dim=2)
         t = F.normalize(f_t.reshape(f_t.shape[0], f_t.shape[1], -1), dim=2).detach()
@@ -152,7 +153,13 @@ def kdsvd_loss(
     the loss is ``sum_stages sum (rbf_s - rbf_t)^2 / B``. Non-finite entries count as 0."""
     losses = []
     prev_s = prev_t = None
-    for f_s, f_t in zip(student, teacher, strict=True):
+    for f_s, f_t in zip(student, teacher, strict=False):
+        if f_s.shape[3] != f_t.shape[3]:
+            raise ValueError(
+                f"KDSVD compares right singular vectors, so student and teacher maps need the "
+                f"same width; got {tuple(f_s.shape)} and {tuple(f_t.shape)}: use another method "
+                "for this pair"
+            )
         s_t, v_t = _top_svd(f_t, k)
         _, v_s = _top_svd(f_s, k + 3)
         cosine = v_s.transpose(-2, -1) @ v_t  # (B, k+3, k)

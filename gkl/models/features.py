@@ -206,11 +206,8 @@ def bn_before_relu(model: nn.Module) -> list[nn.BatchNorm2d]:
     return [s[-1].bn3 if hasattr(s[-1], "bn3") else s[-1].bn2 for s in stages]
 
 
-def feature_shapes(model: nn.Module, input_shape: Sequence[int]) -> list[torch.Size]:
-    """Shapes of ``feats`` for one ``input_shape`` (C, H, W) image, batch dimension 1.
-
-    Runs the network once in eval mode (BN statistics untouched) and restores its mode.
-    """
+def _probe(model: nn.Module, input_shape: Sequence[int]) -> Features:
+    """Features of one zero ``input_shape`` image, in eval mode (BN statistics untouched)."""
     net = bare_network(model)
     was_training = net.training
     net.eval()
@@ -218,10 +215,22 @@ def feature_shapes(model: nn.Module, input_shape: Sequence[int]) -> list[torch.S
         param = next(net.parameters())
         x = torch.zeros(1, *input_shape, dtype=param.dtype, device=param.device)
         with torch.no_grad():
-            _, features = forward_with_features(model, x)
+            return forward_with_features(model, x)[1]
     finally:
         net.train(was_training)
-    return [f.shape for f in features.feats]
+
+
+def feature_shapes(model: nn.Module, input_shape: Sequence[int]) -> list[torch.Size]:
+    """Shapes of ``feats`` for one ``input_shape`` (C, H, W) image, batch dimension 1.
+
+    Runs the network once in eval mode (BN statistics untouched) and restores its mode.
+    """
+    return [f.shape for f in _probe(model, input_shape).feats]
+
+
+def pooled_feature_dim(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """Length of ``pooled_feat`` for ``input_shape`` images."""
+    return _probe(model, input_shape).pooled_feat.shape[1]
 
 
 def stage_channels(model: nn.Module, input_shape: Sequence[int]) -> list[int]:
