@@ -12,6 +12,12 @@ Lightning and plain so machine noise hits both.
         --classes 10 --batch 128
     python scripts/bench_step.py --task trades --student fmnist_cnn_at --shape 1 28 28 \
         --classes 10 --batch 128 --eps 0.1                         # fmnist_trades' step
+
+``--baseline <name> [<name> ...]`` (or ``all``): images/s of the Lightning distillation step with
+each of mdistiller's feature distillers (gkl.distillers.BASELINES, mdistiller's settings) against
+the same step with mdistiller's KD on the same pair and batch, and the ratio method / KD.
+
+    python scripts/bench_step.py --baseline all                    # resnet32x4 -> resnet8x4, B=64
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from gkl.attacks import trades_perturb
-from gkl.losses import ClassPrior, GKLLoss, TradesKLLoss, trades_kl
+from gkl.distillers import BASELINES
+from gkl.losses import ClassPrior, GKLLoss, KDLoss, TradesKLLoss, trades_kl
 from gkl.models import FrozenTeacher, Normalized, create_model
 from gkl.tasks import AdversarialTask, DistillationTask
 
@@ -75,6 +82,65 @@ def build_adversarial(args):
 
 def sgd(params):
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def baseline_task(args, name: str) -> DistillationTask:
+    """The distillation task of ``+baseline=<name>`` (``kd``: mdistiller's KD, CE 0.1 + 0.9 KD)."""
+    torch.manual_seed(0)
+    teacher = FrozenTeacher(normalized(args.teacher, args))
+    student = normalized(args.student, args)
+    if name == "kd":
+        loss, ce_weight, weight = KDLoss(temperature=4.0), 0.1, 0.9
+    else:
+        loss, ce_weight, weight = BASELINES[name](), 1.0, 1.0
+        if hasattr(loss, "input_shape"):
+            loss.input_shape = tuple(args.shape)
+    return DistillationTask(
+        student,
+        teacher,
+        loss,
+        args.classes,
+        optimizer=sgd,
+        ce_weight=ce_weight,
+        distill_weight=weight,
+    )
+
+
+CRD_NUM_DATA = 50_000  # CIFAR-100's training set: the memory banks' rows
+
+
+def baseline_images_per_second(args, name: str, x, y) -> float:
+    timer = StepTimer()
+    task, extra = baseline_task(args, name), ()
+    if name == "crd":  # mdistiller's CRD data: each item's index and 16384 sampled rows
+        task.distill_loss.set_num_data(CRD_NUM_DATA)
+        g = torch.Generator().manual_seed(1)
+        index = torch.randint(0, CRD_NUM_DATA, (len(y),), generator=g)
+        sample = torch.randint(0, CRD_NUM_DATA, (len(y), task.distill_loss.k + 1), generator=g)
+        extra = (index, sample)
+    fit_repeated_batch(task, x, y, args.steps, timer, args.device, extra=extra)
+    times = [b - a for a, b in zip(timer.starts, timer.starts[1:], strict=False)][args.warmup :]
+    return args.batch / statistics.median(times)
+
+
+def compare_baselines(args, x, y) -> None:
+    """Median img/s of each baseline's step and of KD's, rounds alternating, and the ratios."""
+    names = list(BASELINES) if args.baseline == ["all"] else args.baseline
+    rates: dict[str, list[float]] = {n: [] for n in ["kd", *names]}
+    for _ in range(args.rounds):
+        for name in rates:
+            rates[name].append(baseline_images_per_second(args, name, x, y))
+    kd = statistics.median(rates["kd"])
+    print(
+        f"{args.teacher} -> {args.student}, batch {args.batch}, device {args.device}, "
+        f"threads {torch.get_num_threads()}, median of {args.rounds} rounds x "
+        f"{args.steps - args.warmup} steps"
+    )
+    print("| method | images/s | method / KD |")
+    print("|---|---|---|")
+    for name, values in rates.items():
+        rate = statistics.median(values)
+        print(f"| {name} | {rate:.1f} | {rate / kd:.2f} |")
 
 
 def lightning_task(args) -> pl.LightningModule:
@@ -178,10 +244,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--baseline",
+        nargs="+",
+        choices=["all", *BASELINES],
+        help="feature distillers to time against KD (img/s ratio) instead of the overhead test",
+    )
     args = parser.parse_args()
     g = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch, *args.shape, generator=g)
     y = torch.randint(0, args.classes, (args.batch,), generator=g)
+    if args.baseline:
+        compare_baselines(args, x, y)
+        return
     lightning_times, plain_times = [], []
     for _ in range(args.rounds):
         lightning_times += lightning_step_times(args, x, y)

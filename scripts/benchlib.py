@@ -8,16 +8,18 @@ from torch.utils.data import DataLoader, Dataset
 
 
 class RepeatedBatch(Dataset):
-    """The same collated batch ``length`` times."""
+    """The same collated batch ``(x, y, *extra)`` ``length`` times."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, length: int) -> None:
-        self.x, self.y, self.length = x, y, length
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, length: int, extra: tuple[torch.Tensor, ...] = ()
+    ) -> None:
+        self.x, self.y, self.length, self.extra = x, y, length, extra
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x, self.y
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        return (self.x, self.y, *self.extra)
 
 
 def fit_repeated_batch(
@@ -28,6 +30,7 @@ def fit_repeated_batch(
     timer: pl.Callback,
     device: str,
     precision: str | None = None,
+    extra: tuple[torch.Tensor, ...] = (),
 ) -> None:
     """``steps`` training steps of ``task`` on ``(x, y)``: one epoch, no validation, no
     checkpoints, logger or progress bar, so only the step (and ``timer``) runs."""
@@ -46,4 +49,6 @@ def fit_repeated_batch(
     )
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer.fit(task, train_dataloaders=DataLoader(RepeatedBatch(x, y, steps), batch_size=None))
+    trainer.fit(
+        task, train_dataloaders=DataLoader(RepeatedBatch(x, y, steps, extra), batch_size=None)
+    )

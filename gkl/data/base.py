@@ -114,6 +114,8 @@ class ImageDataModule(pl.LightningDataModule):
         test_size: int | None = None,
         synthetic_sizes: Sequence[int] = (512, 256, 256),
         drop_last: bool = False,
+        instance_sample_k: int | None = None,
+        instance_sample_mode: str = "exact",
     ) -> None:
         super().__init__()
         check_count("data.batch_size", batch_size)
@@ -150,6 +152,8 @@ class ImageDataModule(pl.LightningDataModule):
                 f"data.synthetic_sizes must be three integers >= 1, got {tuple(synthetic_sizes)}"
             )
         self.val_is_test = val_size == 0
+        # CRD (gkl.data.instance_sample): (x, y, index, sample_index) training items when set.
+        self.instance_sample = (instance_sample_k, instance_sample_mode)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -250,7 +254,13 @@ class ImageDataModule(pl.LightningDataModule):
         train_set = self._require(self.train_set, "train_set")
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        sampler = EpochSampler(len(train_set), self.seed, replicas, rank)
+        sampler_type = EpochSampler
+        if self.instance_sample[0] is not None:
+            from gkl.data.instance_sample import EpochKeySampler, instance_sample_set
+
+            train_set = instance_sample_set(train_set, *self.instance_sample, self.seed)
+            sampler_type = EpochKeySampler
+        sampler = sampler_type(len(train_set), self.seed, replicas, rank)
         if self._resume_position is not None:
             epoch, batches_done = self._resume_position
             sampler.resume(epoch, batches_done * self.batch_size)
