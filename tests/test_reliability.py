@@ -60,6 +60,11 @@ def compose_run(compose_cfg):
     return lambda run_dir, overrides: compose_cfg(run_dir.parent, overrides, output_dir=run_dir)
 
 
+# Feature distillers with state beyond the student: VID's regressors and trained log-scales,
+# CRD's embedding heads, memory banks and per-item negatives (8 here, not 16384).
+FEATURE_METHODS = {"vid": [], "crd": ["data.instance_sample_k=8"]}
+
+
 def save_teacher(path: Path) -> Path:
     torch.manual_seed(0)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +83,17 @@ def task_overrides(task: str, tmp_path: Path) -> list[str]:
             "loss.temperature2=4.0",
             "task.warmup_epochs=2",
             "task.cache_teacher_outputs=false",
+        ]
+    if task in FEATURE_METHODS:  # the distiller's modules (and CRD's banks) are resumed too
+        teacher = save_teacher(tmp_path / "teacher.pth")
+        return [
+            "+experiment=fmnist_kd",
+            f"+baseline={task}",
+            "model=fmnist_cnn",
+            "model.name=fmnist_cnn_small",
+            "teacher.name=fmnist_cnn_small",
+            f"teacher.checkpoint={teacher}",
+            *FEATURE_METHODS[task],
         ]
     adversarial = ["model.name=fmnist_mlp", "task.steps=2", "task.val_pgd_subset=20"]
     adversarial += ["task.val_pgd_steps=2", "task.eps_ramp_epochs=2"]
@@ -100,7 +116,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 
 
 @pytest.mark.needs_fmnist
-@pytest.mark.parametrize("task", ["kd", "gkl_at", "trades"])
+@pytest.mark.parametrize("task", ["kd", "gkl_at", "trades", *FEATURE_METHODS])
 def test_resume_from_mid_epoch_end_of_epoch_and_final_step_equals_uninterrupted(
     compose_run, tmp_path, task
 ):
@@ -108,10 +124,16 @@ def test_resume_from_mid_epoch_end_of_epoch_and_final_step_equals_uninterrupted(
     reference = run(compose_run(tmp_path / "ref", overrides))
     final = ckpt(tmp_path / "ref", "last.ckpt")
     assert final["global_step"] == 12
+    if task in FEATURE_METHODS:  # the distiller's own state is in the run's checkpoints
+        extra = {k for k in final["state_dict"] if k.startswith("distill_loss.")}
+        first = ckpt(tmp_path / "ref", "s1.ckpt")["state_dict"]
+        assert extra and any(not torch.equal(first[k], final["state_dict"][k]) for k in extra)
+        if task == "crd":
+            assert {"distill_loss.memory_s", "distill_loss.memory_t"} <= extra
     # s6 falls on epoch 1's last batch: written at the epoch's end, after the class prior's
     # refresh (the checkpoint taken at the last batch used to lose that epoch's end_epoch).
     end_of_epoch = ckpt(tmp_path / "ref", "s6.ckpt")
-    if task != "trades":
+    if task in ("kd", "gkl_at"):
         assert end_of_epoch["state_dict"]["class_prior.epochs_completed"].item() == 1
         assert (
             ckpt(tmp_path / "ref", "s3.ckpt")["state_dict"]["class_prior.epochs_completed"].item()
