@@ -14,7 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from gkl.losses import feature as fl
-from gkl.models.features import Features, bn_before_relu, feature_shapes, pooled_feature_dim
+from gkl.models.features import (
+    Features,
+    bn_before_relu,
+    feature_shapes,
+    has_stem_feature,
+    pooled_feature_dim,
+)
 
 from .base import FeatureDistiller
 
@@ -297,7 +303,9 @@ class ReviewKD(FeatureDistiller):
 
     Channels and sizes (mdistiller's ``IN/OUT_CHANNELS``, ``SHAPES``, ``OUT_SHAPES``) are read from
     the pair; the mid width is ``min(512, in_channels[-1])``. The warm-up (20 epochs on CIFAR) is
-    the task's ``warmup_epochs``.
+    the task's ``warmup_epochs``. A student whose ``feats`` have no stem entry (mdistiller's
+    MobileNetV1) gives all its ``feats``, as mdistiller's ReviewKD does (it uses the student's
+    deepest ``len(teacher stages)`` feats).
     """
 
     def __init__(
@@ -312,11 +320,13 @@ class ReviewKD(FeatureDistiller):
         self.max_mid_channel = max_mid_channel
         self.input_shape = tuple(input_shape)
         self.abfs = nn.ModuleList()
+        self.student_start = 1  # feats[1:]: the stem is not a level
         self.shapes: list[int] = []
         self.out_shapes: list[int] = []
 
     def setup(self, student: nn.Module, teacher: nn.Module) -> None:
-        s_shapes = feature_shapes(student, self.input_shape)[1:]
+        self.student_start = 1 if has_stem_feature(student) else 0
+        s_shapes = feature_shapes(student, self.input_shape)[self.student_start :]
         t_shapes = feature_shapes(teacher, self.input_shape)[1:]
         if len(s_shapes) != len(t_shapes):
             raise ValueError(
@@ -338,7 +348,7 @@ class ReviewKD(FeatureDistiller):
     def fused_features(self, student: Features) -> list[torch.Tensor]:
         """The student's fused features, shallowest first (one per teacher target)."""
         stages = student.preact_feats if self.stu_preact else student.feats
-        x = [*stages[1:], student.pooled_feat[:, :, None, None]][::-1]
+        x = [*stages[self.student_start :], student.pooled_feat[:, :, None, None]][::-1]
         out, residual = self.abfs[0](x[0], None, self.shapes[0], self.out_shapes[0])
         results = [out]
         levels = zip(x[1:], self.abfs[1:], self.shapes[1:], self.out_shapes[1:], strict=True)

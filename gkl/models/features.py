@@ -15,6 +15,16 @@ mdistiller's ImageNet ResNet (stem before ReLU and the four stages, pre-ReLU and
 the Fashion-MNIST ``SmallCNN`` (fmnist_cnn, fmnist_cnn_small, ...): one feature per
 conv-BN-ReLU-pool block (``maxpool(BN output)`` before the ReLU, which commutes with the pool),
 the classifier's input as ``pooled_feat``.
+
+Also, as mdistiller's ``forward`` returns them (models/cifar/ShuffleNetv1.py, ShuffleNetv2.py,
+mobilenetv2.py, resnetv2.py, models/imagenet/mobilenetv1.py): CIFAR ``ShuffleNet`` (ShuffleV1)
+and ``ShuffleNetV2`` (ShuffleV2): the stem then the three stages, ``preact_feats`` the last
+block's value before its final ReLU (ShuffleV2: ``cat(x1, branch)`` before the channel shuffle);
+CIFAR ``MobileNetV2`` (MobileNetV2 = mobile_half): the stem and the outputs of blocks 1, 2, 4 and 6
+(linear bottlenecks, no ReLU after them: ``preact_feats`` are the same tensors, mdistiller has
+none); the CIFAR ``resnetv2.ResNet`` (ResNet18, ResNet50): the stem and the four stages; and
+ImageNet ``MobileNetV1``: four stages (blocks 3, 5, 11, 13; no stem entry, as mdistiller), pre-ReLU
+and after. ShuffleNets have no :func:`bn_before_relu` (mdistiller raises: no OFD teacher).
 """
 
 from __future__ import annotations
@@ -26,14 +36,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gkl.models.cifar.mobilenetv2 import MobileNetV2
 from gkl.models.cifar.resnet import BasicBlock as ResNetBlock
 from gkl.models.cifar.resnet import ResNet
+from gkl.models.cifar.resnetv2 import ResNet as ResNetV2
+from gkl.models.cifar.shufflenetv1 import Bottleneck as ShuffleV1Block
+from gkl.models.cifar.shufflenetv1 import ShuffleNet, channel_shuffle
+from gkl.models.cifar.shufflenetv2 import BasicBlock as ShuffleV2Block
+from gkl.models.cifar.shufflenetv2 import ShuffleNetV2
 from gkl.models.cifar.vgg import VGG
 from gkl.models.cifar.wrn import WideResNet
+from gkl.models.mobilenetv1 import MobileNetV1
 from gkl.models.small import SmallCNN
 from gkl.models.wrappers import FrozenTeacher, Normalized
 
-SUPPORTED = (ResNet, WideResNet, VGG, SmallCNN)
+SUPPORTED = (
+    ResNet,
+    WideResNet,
+    VGG,
+    SmallCNN,
+    ShuffleNet,
+    ShuffleNetV2,
+    MobileNetV2,
+    ResNetV2,
+    MobileNetV1,
+)
 
 
 def _is_timm_resnet(net: nn.Module) -> bool:
@@ -70,6 +97,12 @@ def bare_network(model: nn.Module) -> nn.Module:
             "loss (+baseline=kd|dkd, loss=gkl)."
         )
     return net
+
+
+def has_stem_feature(model: nn.Module) -> bool:
+    """Whether ``feats[0]`` is the stem's output: every family but mdistiller's ImageNet
+    ``MobileNetV1``, whose ``feats`` are its four stages only."""
+    return not isinstance(bare_network(model), MobileNetV1)
 
 
 def supports_features(model: nn.Module) -> bool:
@@ -137,6 +170,106 @@ def _small_cnn(net: SmallCNN, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
     return net.classifier(pooled), Features(feats, preacts, pooled)
 
 
+def _shufflev1_block_preact(block: ShuffleV1Block, x: torch.Tensor) -> torch.Tensor:
+    """A ShuffleV1 block's output before its final ReLU (mdistiller's ``preact``: the concat with
+    the avg-pooled input for stride 2, else the sum with the input)."""
+    out = channel_shuffle(F.relu(block.bn1(block.conv1(x))), block.shuffle_groups)
+    out = block.bn3(block.conv3(F.relu(block.bn2(block.conv2(out)))))
+    if block.stride == 2:
+        return torch.cat([out, F.avg_pool2d(x, 3, stride=2, padding=1)], 1)
+    return out + x
+
+
+def _shufflev1(net: ShuffleNet, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
+    x = F.relu(net.bn1(net.conv1(x)))
+    feats, preacts = [x], [x]
+    for stage in (net.layer1, net.layer2, net.layer3):
+        for block in stage[:-1]:
+            x = block(x)
+        pre = _shufflev1_block_preact(stage[-1], x)  # mdistiller: the is_last block's preact
+        x = F.relu(pre)
+        feats.append(x)
+        preacts.append(pre)
+    pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # mdistiller: avg_pool2d(4) at 4x4
+    return net.linear(pooled), Features(feats, preacts, pooled)
+
+
+def _shufflev2(net: ShuffleNetV2, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
+    x = F.relu(net.bn1(net.conv1(x)))
+    feats, preacts = [x], [x]
+    for stage in (net.layer1, net.layer2, net.layer3):
+        for block in stage[:-1]:
+            x = block(x)
+        block: ShuffleV2Block = stage[-1]
+        x1, x2 = x.chunk(2, dim=1)
+        out = block.bn2(block.conv2(F.relu(block.bn1(block.conv1(x2)))))
+        pre = block.bn3(block.conv3(out))
+        x = channel_shuffle(torch.cat([x1, F.relu(pre)], 1), 2)
+        feats.append(x)
+        # mdistiller's is_last preact: cat(x1, branch before its ReLU), *not* channel-shuffled
+        # (so its channel order differs from the stage output's).
+        preacts.append(torch.cat([x1, pre], 1))
+    out = F.relu(net.bn2(net.conv2(x)))
+    pooled = torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+    return net.linear(pooled), Features(feats, preacts, pooled)
+
+
+def _mobilenetv2(net: MobileNetV2, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
+    x = net.conv1(x)
+    feats = [x]
+    for i, block in enumerate(net.blocks):
+        x = block(x)
+        if i in (1, 2, 4, 6):
+            feats.append(x)
+    pooled = torch.flatten(F.adaptive_avg_pool2d(net.conv2(x), 1), 1)
+    # mdistiller's MobileNetV2 returns no preact_feats: its stage outputs are linear bottlenecks
+    # (BN, + residual) with no ReLU after them, so the pre-activations are the features themselves
+    # (the stem's, after its ReLU, as every family's first entry).
+    return net.classifier(pooled), Features(feats, list(feats), pooled)
+
+
+def _resnetv2_block_preact(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A resnetv2 BasicBlock / Bottleneck's output before its final ReLU."""
+    out = F.relu(block.bn1(block.conv1(x)))
+    if hasattr(block, "conv3"):  # Bottleneck
+        out = block.bn3(block.conv3(F.relu(block.bn2(block.conv2(out)))))
+    else:
+        out = block.bn2(block.conv2(out))
+    return out + block.shortcut(x)
+
+
+def _resnetv2(net: ResNetV2, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
+    x = F.relu(net.bn1(net.conv1(x)))
+    feats, preacts = [x], [x]
+    for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
+        for block in stage[:-1]:
+            x = block(x)
+        pre = _resnetv2_block_preact(stage[-1], x)
+        x = F.relu(pre)
+        feats.append(x)
+        preacts.append(pre)
+    pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+    return net.linear(pooled), Features(feats, preacts, pooled)
+
+
+# mdistiller's MobileNetV1 features: the outputs of blocks 3, 5, 11 and 13 (no stem entry).
+_MOBILENETV1_STAGE_ENDS = (3, 5, 11, 13)
+
+
+def _mobilenetv1(net: MobileNetV1, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
+    feats, preacts = [], []
+    start = 0
+    for end in _MOBILENETV1_STAGE_ENDS:
+        x = net.model[start:end](x)
+        pre = net.model[end][:-1](x)  # the block without its final ReLU
+        x = F.relu(pre)
+        feats.append(x)
+        preacts.append(pre)
+        start = end + 1
+    pooled = net.model[start:](x).flatten(1)  # the average pool
+    return net.fc(pooled), Features(feats, preacts, pooled)
+
+
 def _timm_block_preact(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A timm BasicBlock / Bottleneck's output before its final activation."""
     shortcut = x if block.downsample is None else block.downsample(x)
@@ -188,6 +321,16 @@ def forward_with_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
         return _vgg(net, x)
     if isinstance(net, SmallCNN):
         return _small_cnn(net, x)
+    if isinstance(net, ShuffleNet):
+        return _shufflev1(net, x)
+    if isinstance(net, ShuffleNetV2):
+        return _shufflev2(net, x)
+    if isinstance(net, MobileNetV2):
+        return _mobilenetv2(net, x)
+    if isinstance(net, ResNetV2):
+        return _resnetv2(net, x)
+    if isinstance(net, MobileNetV1):
+        return _mobilenetv1(net, x)
     return _timm_resnet(net, x)
 
 
@@ -202,6 +345,20 @@ def bn_before_relu(model: nn.Module) -> list[nn.BatchNorm2d]:
         return [block[-1] for block in (net.block1, net.block2, net.block3, net.block4)]
     if isinstance(net, SmallCNN):
         return [m for m in net.features if isinstance(m, nn.BatchNorm2d)][1:]
+    if isinstance(net, (ShuffleNet, ShuffleNetV2)):
+        # mdistiller's get_bn_before_relu raises for both: a stage's pre-activation concatenates
+        # the input (V1, stride 2) or its first half (V2) to one BN's output.
+        raise NotImplementedError(
+            f"{type(net).__name__} has no BN before each stage's ReLU (mdistiller: not supported "
+            'for "Overhaul" teacher); use it as the student'
+        )
+    if isinstance(net, MobileNetV2):  # the last block's projection BN of blocks 1, 2, 4, 6
+        return [net.blocks[i][-1].conv[-1] for i in (1, 2, 4, 6)]
+    if isinstance(net, ResNetV2):
+        stages = (net.layer1, net.layer2, net.layer3, net.layer4)
+        return [s[-1].bn3 if hasattr(s[-1], "bn3") else s[-1].bn2 for s in stages]
+    if isinstance(net, MobileNetV1):  # the pointwise BN of blocks 3, 5, 11, 13
+        return [net.model[i][-2] for i in _MOBILENETV1_STAGE_ENDS]
     stages = (net.layer1, net.layer2, net.layer3, net.layer4)
     return [s[-1].bn3 if hasattr(s[-1], "bn3") else s[-1].bn2 for s in stages]
 
