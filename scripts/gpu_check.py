@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from gkl.io import atomic_write_json
 from gkl.tasks.speed import apply_speed
 from gkl.train import CONFIG_DIR, build_task, build_teacher
 
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
                 results.append(measure(workload, cfg, mode, args))
     print(table(results))
     if args.json is not None:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+        atomic_write_json(args.json, [asdict(r) for r in results])
     return results
 
 

@@ -685,6 +685,16 @@ def test_imagenet_lt_data_module_reads_the_split_files_of_a_fake_layout(tmp_path
     assert held_out.val_set.samples == splits["val"][:2]
 
 
+def test_imagenet_lt_smoke_data_take_a_training_step_despite_drop_last():
+    """4 synthetic images, batch 128, drop_last: the smoke run still trains on one batch."""
+    cfg = compose("+experiment=imagenet_lt_kd", "data.synthetic=true", "data.num_workers=0")
+    assert cfg.data.drop_last and cfg.data.batch_size > cfg.data.synthetic_sizes[0]
+    datamodule = build_datamodule(cfg.data)
+    datamodule.setup("fit")
+    batches = list(datamodule.train_dataloader())
+    assert [len(y) for _, y in batches] == [cfg.data.synthetic_sizes[0]]
+
+
 def test_imagenet_lt_bad_split_files_are_errors_naming_the_file(tmp_path):
     from gkl.data.imagenet_lt import read_split_file
 

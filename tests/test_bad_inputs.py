@@ -579,6 +579,19 @@ add(
 )
 
 
+@row(
+    "fmnist-drop_last-no-batch",
+    r"data\.drop_last=true with data\.batch_size=16 leaves no training batch: "
+    r"each process has 10 training images",
+)
+def _(tmp):
+    module = FashionMNISTDataModule(
+        fmnist_dir(tmp / "f"), val_size=2, batch_size=16, drop_last=True, num_workers=0
+    )
+    module.setup("fit")
+    module.train_dataloader()
+
+
 def cifar_dir(root: Path, batch: object, raw: bytes | None = None) -> Path:
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)

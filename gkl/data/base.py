@@ -246,10 +246,11 @@ class ImageDataModule(pl.LightningDataModule):
         the trainer's processes under DDP.
 
         ``drop_last`` drops each epoch's last incomplete batch (``train_trades_cifar.py``'s loader:
-        390 batches of 128 from 50,000 images instead of 391). After a restore from a checkpoint
-        taken mid-epoch, the batches already trained on are
-        skipped, so the run continues exactly (with ``num_workers=0``; worker processes draw their
-        own augmentation seeds).
+        390 batches of 128 from 50,000 images instead of 391); a training set smaller than one
+        batch is refused (synthetic smoke data keeps its one incomplete batch). After a restore
+        from a checkpoint taken mid-epoch, the batches already trained on are skipped, so the run
+        continues exactly (with ``num_workers=0``; worker processes draw their own augmentation
+        seeds).
         """
         train_set = self._require(self.train_set, "train_set")
         trainer = self.trainer
@@ -261,6 +262,15 @@ class ImageDataModule(pl.LightningDataModule):
             train_set = instance_sample_set(train_set, *self.instance_sample, self.seed)
             sampler_type = EpochKeySampler
         sampler = sampler_type(len(train_set), self.seed, replicas, rank)
+        drop_last = self.drop_last
+        if drop_last and sampler.num_samples < self.batch_size:
+            if not self.is_synthetic:
+                raise ValueError(
+                    f"data.drop_last=true with data.batch_size={self.batch_size} leaves no "
+                    f"training batch: each process has {sampler.num_samples} training images. "
+                    "Lower data.batch_size or set data.drop_last=false"
+                )
+            drop_last = False  # a smoke test's few synthetic images still take a step
         if self._resume_position is not None:
             epoch, batches_done = self._resume_position
             sampler.resume(epoch, batches_done * self.batch_size)
@@ -272,7 +282,7 @@ class ImageDataModule(pl.LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             generator=generator,
-            drop_last=self.drop_last,
+            drop_last=drop_last,
             **self._loader_kwargs(),
         )
 

@@ -29,7 +29,7 @@ and after. ShuffleNets have no :func:`bn_before_relu` (mdistiller raises: no OFD
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -117,18 +117,27 @@ def _resnet_block_preact(block: ResNetBlock, x: torch.Tensor) -> torch.Tensor:
     return out + (x if block.downsample is None else block.downsample(x))
 
 
-def _resnet(net: ResNet, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
-    x = F.relu(net.bn1(net.conv1(x)))
+def _residual_stages(
+    x: torch.Tensor,
+    stages: tuple[nn.Sequential, ...],
+    last_block_preact: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+) -> Features:
+    """The stem output ``x``, then each stage's output (after / before its last block's ReLU)."""
     feats, preacts = [x], [x]
-    for stage in (net.layer1, net.layer2, net.layer3):
+    for stage in stages:
         for block in stage[:-1]:
             x = block(x)
-        pre = _resnet_block_preact(stage[-1], x)
+        pre = last_block_preact(stage[-1], x)
         x = F.relu(pre)
         feats.append(x)
         preacts.append(pre)
-    pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-    return net.fc(pooled), Features(feats, preacts, pooled)
+    return Features(feats, preacts, torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _resnet(net: ResNet, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
+    stages = (net.layer1, net.layer2, net.layer3)
+    features = _residual_stages(F.relu(net.bn1(net.conv1(x))), stages, _resnet_block_preact)
+    return net.fc(features.pooled_feat), features
 
 
 def _wrn(net: WideResNet, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
@@ -239,17 +248,9 @@ def _resnetv2_block_preact(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _resnetv2(net: ResNetV2, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
-    x = F.relu(net.bn1(net.conv1(x)))
-    feats, preacts = [x], [x]
-    for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
-        for block in stage[:-1]:
-            x = block(x)
-        pre = _resnetv2_block_preact(stage[-1], x)
-        x = F.relu(pre)
-        feats.append(x)
-        preacts.append(pre)
-    pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
-    return net.linear(pooled), Features(feats, preacts, pooled)
+    stages = (net.layer1, net.layer2, net.layer3, net.layer4)
+    features = _residual_stages(F.relu(net.bn1(net.conv1(x))), stages, _resnetv2_block_preact)
+    return net.linear(features.pooled_feat), features
 
 
 # mdistiller's MobileNetV1 features: the outputs of blocks 3, 5, 11 and 13 (no stem entry).
