@@ -50,18 +50,6 @@ from gkl.models.mobilenetv1 import MobileNetV1
 from gkl.models.small import SmallCNN
 from gkl.models.wrappers import FrozenTeacher, Normalized
 
-SUPPORTED = (
-    ResNet,
-    WideResNet,
-    VGG,
-    SmallCNN,
-    ShuffleNet,
-    ShuffleNetV2,
-    MobileNetV2,
-    ResNetV2,
-    MobileNetV1,
-)
-
 
 def _is_timm_resnet(net: nn.Module) -> bool:
     return type(net).__name__ == "ResNet" and type(net).__module__.startswith("timm.")
@@ -190,17 +178,10 @@ def _shufflev1_block_preact(block: ShuffleV1Block, x: torch.Tensor) -> torch.Ten
 
 
 def _shufflev1(net: ShuffleNet, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
-    x = F.relu(net.bn1(net.conv1(x)))
-    feats, preacts = [x], [x]
-    for stage in (net.layer1, net.layer2, net.layer3):
-        for block in stage[:-1]:
-            x = block(x)
-        pre = _shufflev1_block_preact(stage[-1], x)  # mdistiller: the is_last block's preact
-        x = F.relu(pre)
-        feats.append(x)
-        preacts.append(pre)
-    pooled = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # mdistiller: avg_pool2d(4) at 4x4
-    return net.linear(pooled), Features(feats, preacts, pooled)
+    # mdistiller: the is_last block's preact; its avg_pool2d(4) at 4x4 is the global pool
+    stages = (net.layer1, net.layer2, net.layer3)
+    features = _residual_stages(F.relu(net.bn1(net.conv1(x))), stages, _shufflev1_block_preact)
+    return net.linear(features.pooled_feat), features
 
 
 def _shufflev2(net: ShuffleNetV2, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
@@ -302,6 +283,21 @@ def _timm_resnet(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Feature
     return net.fc(pooled), Features(feats, preacts, pooled)
 
 
+# Each family's feature forward, in the order ``isinstance`` is tried; timm's ResNet is the rest.
+_FAMILY_FORWARDS: dict[type[nn.Module], Callable[..., tuple[torch.Tensor, Features]]] = {
+    ResNet: _resnet,
+    WideResNet: _wrn,
+    VGG: _vgg,
+    SmallCNN: _small_cnn,
+    ShuffleNet: _shufflev1,
+    ShuffleNetV2: _shufflev2,
+    MobileNetV2: _mobilenetv2,
+    ResNetV2: _resnetv2,
+    MobileNetV1: _mobilenetv1,
+}
+SUPPORTED = tuple(_FAMILY_FORWARDS)
+
+
 def forward_with_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Features]:
     """``(model(x), Features)`` for a zoo network (bare, ``Normalized`` or ``FrozenTeacher``).
 
@@ -314,24 +310,9 @@ def forward_with_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tens
             return forward_with_features(model.model, x)
     if norm is not None:
         x = (x - norm.mean) / norm.std
-    if isinstance(net, ResNet):
-        return _resnet(net, x)
-    if isinstance(net, WideResNet):
-        return _wrn(net, x)
-    if isinstance(net, VGG):
-        return _vgg(net, x)
-    if isinstance(net, SmallCNN):
-        return _small_cnn(net, x)
-    if isinstance(net, ShuffleNet):
-        return _shufflev1(net, x)
-    if isinstance(net, ShuffleNetV2):
-        return _shufflev2(net, x)
-    if isinstance(net, MobileNetV2):
-        return _mobilenetv2(net, x)
-    if isinstance(net, ResNetV2):
-        return _resnetv2(net, x)
-    if isinstance(net, MobileNetV1):
-        return _mobilenetv1(net, x)
+    for family, forward in _FAMILY_FORWARDS.items():
+        if isinstance(net, family):
+            return forward(net, x)
     return _timm_resnet(net, x)
 
 
@@ -355,11 +336,9 @@ def bn_before_relu(model: nn.Module) -> list[nn.BatchNorm2d]:
         )
     if isinstance(net, MobileNetV2):  # the last block's projection BN of blocks 1, 2, 4, 6
         return [net.blocks[i][-1].conv[-1] for i in (1, 2, 4, 6)]
-    if isinstance(net, ResNetV2):
-        stages = (net.layer1, net.layer2, net.layer3, net.layer4)
-        return [s[-1].bn3 if hasattr(s[-1], "bn3") else s[-1].bn2 for s in stages]
     if isinstance(net, MobileNetV1):  # the pointwise BN of blocks 3, 5, 11, 13
         return [net.model[i][-2] for i in _MOBILENETV1_STAGE_ENDS]
+    # CIFAR ResNetV2 and timm's ResNet: each stage's last block's last BN
     stages = (net.layer1, net.layer2, net.layer3, net.layer4)
     return [s[-1].bn3 if hasattr(s[-1], "bn3") else s[-1].bn2 for s in stages]
 
